@@ -1,0 +1,190 @@
+// Vectorized per-element loops of the CPU kernels. Compiled once per CPU capability (see
+// kernels_*.cpp): everything here lives in a namespace named after it, as ATen's
+// at::vec does, so the builds do not collide.
+#pragma once
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace torch_bn::cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Values converted to the accumulation type per step: 16 KiB of float, so a chunk widened
+// from half/bfloat16 stays in L1 while it is used.
+constexpr int64_t kChunk = 4096;
+
+// float and double are used in place; half and bfloat16 are widened to float a chunk at a time.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* widen(const scalar_t* src, acc_t* buffer, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    at::vec::convert(src, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    at::vec::convert(chunk, dst, n);
+  }
+}
+
+template <typename acc_t>
+inline acc_t horizontal_sum(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (const acc_t lane : lanes) {
+    total += lane;
+  }
+  return total;
+}
+
+// A per-channel parameter seen from a contiguous run of elements. In a planar (NCHW) run every
+// element belongs to one channel (Uniform); in a row of a channels-last tensor element i
+// belongs to channel i (PerChannel).
+template <typename acc_t>
+struct Uniform {
+  acc_t value;
+  Vectorized<acc_t> vec(int64_t /*i*/) const { return Vectorized<acc_t>(value); }
+  acc_t operator[](int64_t /*i*/) const { return value; }
+};
+
+template <typename acc_t>
+struct PerChannel {
+  const acc_t* values;
+  Vectorized<acc_t> vec(int64_t i) const { return Vectorized<acc_t>::loadu(values + i); }
+  acc_t operator[](int64_t i) const { return values[i]; }
+};
+
+// Where a reduction's terms go: one running total (a planar run, all one channel), or the
+// per-channel totals at each element's own index (a row of channels).
+template <typename acc_t>
+struct RunTotal {
+  Vectorized<acc_t> lanes{acc_t(0)};
+  acc_t tail = 0;
+  void add(int64_t /*i*/, const Vectorized<acc_t>& v) { lanes += v; }
+  void add(int64_t /*i*/, acc_t v) { tail += v; }
+  acc_t total() const { return horizontal_sum(lanes) + tail; }
+};
+
+template <typename acc_t>
+struct ChannelTotals {
+  acc_t* totals;
+  void add(int64_t i, const Vectorized<acc_t>& v) {
+    (Vectorized<acc_t>::loadu(totals + i) + v).store(totals + i);
+  }
+  void add(int64_t i, acc_t v) { totals[i] += v; }
+};
+
+// The mean enters as hi + lo (two acc_t values whose sum is the double-precision mean), so
+// (x - hi) - lo keeps the low bits that a float mean would drop: with mean 1e4 and std 1e-2
+// those bits are the whole signal.
+template <typename acc_t, typename P>
+inline Vectorized<acc_t> centered(const Vectorized<acc_t>& x, const P& hi, const P& lo, int64_t i) {
+  return (x - hi.vec(i)) - lo.vec(i);
+}
+
+template <typename acc_t, typename P>
+inline acc_t centered(acc_t x, const P& hi, const P& lo, int64_t i) {
+  return (x - hi[i]) - lo[i];
+}
+
+// Σ (x - shift), the shift being a sample of the channel so that the terms are small.
+template <typename acc_t, typename P, typename Out>
+inline void reduce_shifted(const acc_t* x, int64_t n, const P& shift, Out& out) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    out.add(i, Vec::loadu(x + i) - shift.vec(i));
+  }
+  for (; i < n; ++i) {
+    out.add(i, acc_t(x[i] - shift[i]));
+  }
+}
+
+// Σ ((x - hi) - lo)², the second pass of a two-pass variance.
+template <typename acc_t, typename P, typename Out>
+inline void reduce_sq_centered(const acc_t* x, int64_t n, const P& hi, const P& lo, Out& out) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec d = centered(Vec::loadu(x + i), hi, lo, i);
+    out.add(i, d * d);
+  }
+  for (; i < n; ++i) {
+    const acc_t d = centered(x[i], hi, lo, i);
+    out.add(i, acc_t(d * d));
+  }
+}
+
+// Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy.
+template <typename acc_t, typename P, typename Out>
+inline void reduce_dy_dot(
+    const acc_t* dy, const acc_t* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec g = Vec::loadu(dy + i);
+    sum.add(i, g);
+    dot.add(i, g * centered(Vec::loadu(x + i), hi, lo, i));
+  }
+  for (; i < n; ++i) {
+    sum.add(i, dy[i]);
+    dot.add(i, acc_t(dy[i] * centered(x[i], hi, lo, i)));
+  }
+}
+
+// y = ((x - hi) - lo) · scale + shift: the normalize pass, and (hi = lo = shift = 0) dy · scale.
+template <typename acc_t, typename P>
+inline void affine(
+    const acc_t* x, acc_t* y, int64_t n, const P& hi, const P& lo, const P& scale, const P& shift) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    at::vec::fmadd(centered(Vec::loadu(x + i), hi, lo, i), scale.vec(i), shift.vec(i)).store(y + i);
+  }
+  for (; i < n; ++i) {
+    y[i] = centered(x[i], hi, lo, i) * scale[i] + shift[i];
+  }
+}
+
+// Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
+// k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
+template <typename acc_t, typename P>
+inline void grad_input(
+    const acc_t* dy,
+    const acc_t* x,
+    acc_t* dx,
+    int64_t n,
+    const P& hi,
+    const P& lo,
+    const P& k1,
+    const P& k2,
+    const P& k3) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    const Vec d = centered(Vec::loadu(x + i), hi, lo, i);
+    (Vec::loadu(dy + i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
+  }
+  for (; i < n; ++i) {
+    dx[i] = dy[i] * k1[i] - centered(x[i], hi, lo, i) * k2[i] - k3[i];
+  }
+}
+
+} // namespace CPU_CAPABILITY
+} // namespace torch_bn::cpu

@@ -1,0 +1,450 @@
+// The CPU kernels for both layouts, included once per CPU capability by kernels_*.cpp after
+// that file has set CPU_CAPABILITY.
+//
+// Numerics: statistics are two-pass (a shifted sum for the mean, then Σ(x - mean)²), summed in
+// the accumulation type over chunks of at most kChunk values and in double across chunks, so
+// neither a large mean nor a long reduction costs precision. Work is split into pieces whose
+// boundaries depend on the shape alone, never on the thread count, and partial results are
+// combined in a fixed order: the same input gives bitwise the same output on every run.
+#pragma once
+#include "batch_norm_loops.h"
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace torch_bn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Channels-last statistics work on blocks of rows that stay in L2 between their two passes;
+// each block leaves O(C) doubles behind, so a block has at least kMinBlockRows rows.
+constexpr int64_t kBlockValues = 32768;
+constexpr int64_t kMinBlockRows = 64;
+// Rows with few channels are processed several at a time, so vector loops see long runs.
+constexpr int64_t kMinGroupValues = 64;
+// Values per task for at::parallel_for in the element-wise passes.
+constexpr int64_t kGrainValues = 32768;
+
+int64_t div_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+template <typename acc_t>
+struct MeanSplit {
+  acc_t hi;
+  acc_t lo;
+};
+
+template <typename acc_t>
+MeanSplit<acc_t> split_mean(double mean) {
+  const acc_t hi = static_cast<acc_t>(mean);
+  return {hi, static_cast<acc_t>(mean - static_cast<double>(hi))};
+}
+
+// Calls f(offset, length) on consecutive pieces of at most kChunk values of [0, n).
+template <typename F>
+void for_each_chunk(int64_t n, const F& f) {
+  for (int64_t offset = 0; offset < n; offset += kChunk) {
+    f(offset, std::min(kChunk, n - offset));
+  }
+}
+
+// Planar layout: calls f(offset, length) on the chunks of channel c, batch by batch.
+template <typename F>
+void for_each_planar_chunk(const Shape& s, int64_t c, const F& f) {
+  for (const auto b : c10::irange(s.batch)) {
+    const int64_t run = (b * s.channels + c) * s.inner;
+    for_each_chunk(s.inner, [&](int64_t offset, int64_t length) { f(run + offset, length); });
+  }
+}
+
+// Per-channel values in the accumulation type, tiled `group_rows` times for the rows layout so
+// that element i of a group of rows belongs to channel i % C. A null `values` reads as zeros.
+template <typename acc_t>
+std::vector<acc_t> tile(const double* values, int64_t channels, int64_t group_rows) {
+  std::vector<acc_t> tiled(channels * group_rows);
+  for (const auto i : c10::irange(static_cast<int64_t>(tiled.size()))) {
+    tiled[i] = static_cast<acc_t>(values ? values[i % channels] : 0.0);
+  }
+  return tiled;
+}
+
+// The mean as hi + lo (see `centered`), tiled like `tile`.
+template <typename acc_t>
+struct TiledMean {
+  std::vector<acc_t> hi, lo;
+  TiledMean(const double* mean, int64_t channels, int64_t group_rows)
+      : hi(channels * group_rows), lo(channels * group_rows) {
+    for (const auto i : c10::irange(static_cast<int64_t>(hi.size()))) {
+      const auto m = split_mean<acc_t>(mean ? mean[i % channels] : 0.0);
+      hi[i] = m.hi;
+      lo[i] = m.lo;
+    }
+  }
+};
+
+// Per-channel y = ((x - hi) - lo) * scale + shift coefficients.
+template <typename acc_t>
+struct ChannelAffine {
+  TiledMean<acc_t> mean;
+  std::vector<acc_t> scale, shift;
+  ChannelAffine(int64_t channels, int64_t group_rows, const double* mean_of, const double* scale_of,
+                const double* shift_of)
+      : mean(mean_of, channels, group_rows),
+        scale(tile<acc_t>(scale_of, channels, group_rows)),
+        shift(tile<acc_t>(shift_of, channels, group_rows)) {}
+};
+
+// How the rows layout is cut: groups of rows processed as one run, blocks of groups reduced
+// together.
+struct RowPlan {
+  int64_t rows, channels, group_rows, block_rows, num_blocks;
+
+  explicit RowPlan(const Shape& s) : rows(s.count()), channels(s.channels) {
+    group_rows = std::max<int64_t>(1, kMinGroupValues / channels);
+    const int64_t wanted = std::max(kMinBlockRows, kBlockValues / channels);
+    block_rows = div_up(wanted, group_rows) * group_rows;
+    num_blocks = div_up(rows, block_rows);
+  }
+
+  // Calls f(first_value, length) on the groups of rows [r0, r1), chunk by chunk, with
+  // `position` the offset inside the group (the index into tiled per-channel arrays).
+  template <typename F>
+  void for_each_chunk_in(int64_t r0, int64_t r1, const F& f) const {
+    for (int64_t r = r0; r < r1; r += group_rows) {
+      const int64_t length = std::min(group_rows, r1 - r) * channels;
+      for_each_chunk(length, [&](int64_t position, int64_t n) { f(r * channels + position, position, n); });
+    }
+  }
+};
+
+// Folds tiled per-position totals into per-channel doubles.
+template <typename acc_t>
+void fold_groups(const std::vector<acc_t>& tiled, int64_t channels, double* out) {
+  std::fill(out, out + channels, 0.0);
+  for (const auto i : c10::irange(static_cast<int64_t>(tiled.size()))) {
+    out[i % channels] += static_cast<double>(tiled[i]);
+  }
+}
+
+template <typename scalar_t>
+void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (s.rows) {
+    const RowPlan plan(s);
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / (plan.group_rows * s.channels));
+    at::parallel_for(0, div_up(plan.rows, plan.group_rows), grain, [&](int64_t g0, int64_t g1) {
+      std::vector<acc_t> in(kChunk), out(kChunk);
+      plan.for_each_chunk_in(g0 * plan.group_rows, std::min(plan.rows, g1 * plan.group_rows),
+          [&](int64_t first, int64_t position, int64_t n) {
+            acc_t* y_chunk = output_chunk(y + first, out.data());
+            affine(widen(x + first, in.data(), n), y_chunk, n,
+                   PerChannel<acc_t>{p.mean.hi.data() + position}, PerChannel<acc_t>{p.mean.lo.data() + position},
+                   PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
+            narrow(y_chunk, y + first, n);
+          });
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
+  at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<acc_t> in(kChunk), out(kChunk);
+    for (const auto plane : c10::irange(p0, p1)) {
+      const int64_t c = plane % s.channels;
+      for_each_chunk(s.inner, [&](int64_t offset, int64_t n) {
+        const int64_t first = plane * s.inner + offset;
+        acc_t* y_chunk = output_chunk(y + first, out.data());
+        affine(widen(x + first, in.data(), n), y_chunk, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]},
+               Uniform<acc_t>{p.scale[c]}, Uniform<acc_t>{p.shift[c]});
+        narrow(y_chunk, y + first, n);
+      });
+    }
+  });
+}
+
+std::vector<double> scale_by_invstd(const Shape& s, const double* weight, const double* invstd) {
+  std::vector<double> scale(s.channels);
+  for (const auto c : c10::irange(s.channels)) {
+    scale[c] = (weight ? weight[c] : 1.0) * invstd[c];
+  }
+  return scale;
+}
+
+// NCHW: each task owns whole channels and runs statistics and normalization back to back, so
+// the second and third reads of a channel come from cache.
+template <typename scalar_t>
+void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
+                          const double* bias, double eps, double* mean_out, double* invstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const double n = static_cast<double>(s.count());
+  at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> in(kChunk), out(kChunk);
+    for (const auto c : c10::irange(c0, c1)) {
+      const Uniform<acc_t> shift{static_cast<acc_t>(x[c * s.inner])};
+      double sum = 0;
+      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
+        RunTotal<acc_t> total;
+        reduce_shifted(widen(x + first, in.data(), len), len, shift, total);
+        sum += total.total();
+      });
+      const double mean = static_cast<double>(shift.value) + sum / n;
+      const auto m = split_mean<acc_t>(mean);
+      const Uniform<acc_t> hi{m.hi}, lo{m.lo};
+      double m2 = 0;
+      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
+        RunTotal<acc_t> total;
+        reduce_sq_centered(widen(x + first, in.data(), len), len, hi, lo, total);
+        m2 += total.total();
+      });
+      const double invstd = 1.0 / std::sqrt(m2 / n + eps);
+      mean_out[c] = mean;
+      invstd_out[c] = invstd;
+      const Uniform<acc_t> scale{static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd)};
+      const Uniform<acc_t> shift_out{static_cast<acc_t>(bias ? bias[c] : 0.0)};
+      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
+        acc_t* y_chunk = output_chunk(y + first, out.data());
+        affine(widen(x + first, in.data(), len), y_chunk, len, hi, lo, scale, shift_out);
+        narrow(y_chunk, y + first, len);
+      });
+    }
+  });
+}
+
+// Channels-last: each block of rows gets an exact two-pass mean and M2 while it is in cache;
+// the blocks are then merged in order with Chan et al.'s pairwise update.
+template <typename scalar_t>
+void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
+                        const double* bias, double eps, double* mean_out, double* invstd_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowPlan plan(s);
+  const int64_t C = s.channels;
+  const int64_t tiled = plan.group_rows * C;
+  // Shifting by the first row keeps the terms of the first pass small.
+  std::vector<acc_t> first_row(tiled);
+  for (const auto i : c10::irange(tiled)) {
+    first_row[i] = static_cast<acc_t>(x[i % C]);
+  }
+  std::vector<double> block_mean(plan.num_blocks * C), block_m2(plan.num_blocks * C);
+  at::parallel_for(0, plan.num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> in(kChunk), totals(tiled), hi(tiled), lo(tiled);
+    std::vector<double> folded(C);
+    for (const auto block : c10::irange(b0, b1)) {
+      const int64_t r0 = block * plan.block_rows;
+      const int64_t r1 = std::min(plan.rows, r0 + plan.block_rows);
+      const double rows = static_cast<double>(r1 - r0);
+      double* mean = block_mean.data() + block * C;
+      std::fill(totals.begin(), totals.end(), acc_t(0));
+      plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
+        ChannelTotals<acc_t> out{totals.data() + position};
+        reduce_shifted(widen(x + first, in.data(), n), n, PerChannel<acc_t>{first_row.data() + position}, out);
+      });
+      fold_groups(totals, C, folded.data());
+      for (const auto c : c10::irange(C)) {
+        mean[c] = static_cast<double>(first_row[c]) + folded[c] / rows;
+      }
+      for (const auto i : c10::irange(tiled)) {
+        const auto m = split_mean<acc_t>(mean[i % C]);
+        hi[i] = m.hi;
+        lo[i] = m.lo;
+      }
+      std::fill(totals.begin(), totals.end(), acc_t(0));
+      plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
+        ChannelTotals<acc_t> out{totals.data() + position};
+        reduce_sq_centered(widen(x + first, in.data(), n), n, PerChannel<acc_t>{hi.data() + position},
+                           PerChannel<acc_t>{lo.data() + position}, out);
+      });
+      fold_groups(totals, C, block_m2.data() + block * C);
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (const auto c : c10::irange(c0, c1)) {
+      double count = 0, mean = 0, m2 = 0;
+      for (const auto block : c10::irange(plan.num_blocks)) {
+        const double rows = static_cast<double>(
+            std::min(plan.rows, (block + 1) * plan.block_rows) - block * plan.block_rows);
+        const double delta = block_mean[block * C + c] - mean;
+        const double merged = count + rows;
+        mean += delta * rows / merged;
+        m2 += block_m2[block * C + c] + delta * delta * count * rows / merged;
+        count = merged;
+      }
+      mean_out[c] = mean;
+      invstd_out[c] = 1.0 / std::sqrt(m2 / count + eps);
+    }
+  });
+  const auto scale = scale_by_invstd(s, weight, invstd_out);
+  normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias));
+}
+
+// Training-mode input-gradient coefficients of one channel (see grad_input).
+struct GradCoefficients {
+  double k1, k2, k3;
+};
+
+GradCoefficients grad_coefficients(double weight, double invstd, double sum_dy, double sum_dy_xmu, double n) {
+  const double k1 = weight * invstd;
+  return {k1, k1 * invstd * invstd * sum_dy_xmu / n, k1 * sum_dy / n};
+}
+
+template <typename scalar_t>
+void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Shape& s,
+                     const double* mean, const double* invstd, const double* weight,
+                     double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const double n = static_cast<double>(s.count());
+  at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), out(kChunk);
+    for (const auto c : c10::irange(c0, c1)) {
+      const auto m = split_mean<acc_t>(mean[c]);
+      const Uniform<acc_t> hi{m.hi}, lo{m.lo};
+      double sum = 0, dot = 0;
+      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
+        RunTotal<acc_t> sum_total, dot_total;
+        reduce_dy_dot(widen(dy + first, dy_in.data(), len), widen(x + first, x_in.data(), len), len,
+                      hi, lo, sum_total, dot_total);
+        sum += sum_total.total();
+        dot += dot_total.total();
+      });
+      sum_dy[c] = sum;
+      sum_dy_xmu[c] = dot;
+      if (!dx) {
+        continue;
+      }
+      const auto k = grad_coefficients(weight ? weight[c] : 1.0, invstd[c], sum, dot, n);
+      const Uniform<acc_t> k1{static_cast<acc_t>(k.k1)}, k2{static_cast<acc_t>(k.k2)}, k3{static_cast<acc_t>(k.k3)};
+      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
+        acc_t* dx_chunk = output_chunk(dx + first, out.data());
+        grad_input(widen(dy + first, dy_in.data(), len), widen(x + first, x_in.data(), len), dx_chunk,
+                   len, hi, lo, k1, k2, k3);
+        narrow(dx_chunk, dx + first, len);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Shape& s,
+                   const double* mean, const double* invstd, const double* weight,
+                   double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const RowPlan plan(s);
+  const int64_t C = s.channels;
+  const int64_t tiled = plan.group_rows * C;
+  const TiledMean<acc_t> centering(mean, C, plan.group_rows);
+  std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
+  at::parallel_for(0, plan.num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), sums(tiled), dots(tiled);
+    for (const auto block : c10::irange(b0, b1)) {
+      const int64_t r0 = block * plan.block_rows;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      std::fill(dots.begin(), dots.end(), acc_t(0));
+      plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
+          [&](int64_t first, int64_t position, int64_t n) {
+            ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
+            reduce_dy_dot(widen(dy + first, dy_in.data(), n), widen(x + first, x_in.data(), n), n,
+                          PerChannel<acc_t>{centering.hi.data() + position},
+                          PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
+          });
+      fold_groups(sums, C, block_sum.data() + block * C);
+      fold_groups(dots, C, block_dot.data() + block * C);
+    }
+  });
+  for (const auto c : c10::irange(C)) {
+    double sum = 0, dot = 0;
+    for (const auto block : c10::irange(plan.num_blocks)) {
+      sum += block_sum[block * C + c];
+      dot += block_dot[block * C + c];
+    }
+    sum_dy[c] = sum;
+    sum_dy_xmu[c] = dot;
+  }
+  if (!dx) {
+    return;
+  }
+  std::vector<double> k1_of(C), k2_of(C), k3_of(C);
+  for (const auto c : c10::irange(C)) {
+    const auto k = grad_coefficients(weight ? weight[c] : 1.0, invstd[c], sum_dy[c], sum_dy_xmu[c],
+                                     static_cast<double>(plan.rows));
+    k1_of[c] = k.k1;
+    k2_of[c] = k.k2;
+    k3_of[c] = k.k3;
+  }
+  const auto k1 = tile<acc_t>(k1_of.data(), C, plan.group_rows);
+  const auto k2 = tile<acc_t>(k2_of.data(), C, plan.group_rows);
+  const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / tiled);
+  at::parallel_for(0, div_up(plan.rows, plan.group_rows), grain, [&](int64_t g0, int64_t g1) {
+    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), out(kChunk);
+    plan.for_each_chunk_in(g0 * plan.group_rows, std::min(plan.rows, g1 * plan.group_rows),
+        [&](int64_t first, int64_t position, int64_t n) {
+          acc_t* dx_chunk = output_chunk(dx + first, out.data());
+          grad_input(widen(dy + first, dy_in.data(), n), widen(x + first, x_in.data(), n), dx_chunk, n,
+                     PerChannel<acc_t>{centering.hi.data() + position},
+                     PerChannel<acc_t>{centering.lo.data() + position},
+                     PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
+                     PerChannel<acc_t>{k3.data() + position});
+          narrow(dx_chunk, dx + first, n);
+        });
+  });
+}
+
+} // namespace
+
+void forward_train(const at::Tensor& input, const at::Tensor& output, const Shape& shape,
+                   const double* weight, const double* bias, double eps, double* mean, double* invstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_forward_train", [&] {
+    const auto* x = input.const_data_ptr<scalar_t>();
+    auto* y = output.mutable_data_ptr<scalar_t>();
+    if (shape.rows) {
+      forward_train_rows(x, y, shape, weight, bias, eps, mean, invstd);
+    } else {
+      forward_train_planar(x, y, shape, weight, bias, eps, mean, invstd);
+    }
+  });
+}
+
+void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& shape,
+               const double* mean, const double* scale, const double* shift) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_normalize", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t group_rows = shape.rows ? RowPlan(shape).group_rows : 1;
+    normalize_impl(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape,
+                   ChannelAffine<acc_t>(shape.channels, group_rows, mean, scale, shift));
+  });
+}
+
+void backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grad_input,
+              const Shape& shape, const double* mean, const double* invstd, const double* weight,
+              bool training, double* sum_dy, double* sum_dy_xmu) {
+  const bool need_sums = sum_dy != nullptr;
+  if (!training) {
+    // Eval: dx = dy * weight * invstd does not depend on x; only dweight/dbias read it.
+    if (grad_input.defined()) {
+      const auto scale = scale_by_invstd(shape, weight, invstd);
+      normalize(grad_output, grad_input, shape, nullptr, scale.data(), nullptr);
+    }
+    if (!need_sums) {
+      return;
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_backward", [&] {
+    const auto* dy = grad_output.const_data_ptr<scalar_t>();
+    const auto* x = input.const_data_ptr<scalar_t>();
+    scalar_t* dx = training && grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    if (shape.rows) {
+      backward_rows(dy, x, dx, shape, mean, invstd, weight, sum_dy, sum_dy_xmu);
+    } else {
+      backward_planar(dy, x, dx, shape, mean, invstd, weight, sum_dy, sum_dy_xmu);
+    }
+  });
+}
+
+} // namespace CPU_CAPABILITY
+} // namespace torch_bn::cpu

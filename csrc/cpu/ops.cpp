@@ -1,0 +1,158 @@
+// CPU implementations of the torch_bn operators: argument checks, layout and allocation here;
+// the loops in kernels_impl.h.
+#include "../checks.h"
+#include "../layout.h"
+#include "../running_stats.h"
+#include "kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace torch_bn {
+
+namespace cpu {
+bool cpu_has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+} // namespace cpu
+
+namespace {
+
+// Statistics are float32 for reduced-precision and float32 input, float64 for float64.
+at::ScalarType stats_type(const at::Tensor& input) {
+  return at::toOpMathType(input.scalar_type());
+}
+
+std::vector<double> channel_values(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) {
+    return {};
+  }
+  const at::Tensor values = t->detach().to(at::kDouble).contiguous();
+  return {values.const_data_ptr<double>(), values.const_data_ptr<double>() + values.numel()};
+}
+
+const double* data_or_null(const std::vector<double>& v) {
+  return v.empty() ? nullptr : v.data();
+}
+
+at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dtype) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps) {
+  check_input(input);
+  check_per_channel(input, weight, "weight");
+  check_per_channel(input, bias, "bias");
+  check_eps(eps, /*training=*/true);
+  const auto [x, shape] = kernel_input(input);
+  at::Tensor output = at::empty_like(x);
+  // An empty batch has no statistics; report those of an all-zero channel.
+  std::vector<double> mean(shape.channels, 0.0), invstd(shape.channels, 1.0 / std::sqrt(eps));
+  if (x.numel() > 0) {
+    const auto w = channel_values(weight);
+    const auto b = channel_values(bias);
+    TORCH_BN_CPU_DISPATCH(forward_train, x, output, shape, data_or_null(w), data_or_null(b), eps,
+                          mean.data(), invstd.data());
+  }
+  return {output, to_tensor(mean, stats_type(input)), to_tensor(invstd, stats_type(input))};
+}
+
+at::Tensor forward_eval(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    double eps) {
+  check_input(input);
+  check_per_channel(input, weight, "weight");
+  check_per_channel(input, bias, "bias");
+  check_per_channel(input, running_mean, "running_mean");
+  check_per_channel(input, running_var, "running_var");
+  check_eps(eps, /*training=*/false);
+  const auto [x, shape] = kernel_input(input);
+  at::Tensor output = at::empty_like(x);
+  if (x.numel() > 0) {
+    const auto mean = channel_values(running_mean);
+    const auto var = channel_values(running_var);
+    const auto w = channel_values(weight);
+    std::vector<double> scale(shape.channels);
+    for (const auto c : c10::irange(shape.channels)) {
+      scale[c] = (w.empty() ? 1.0 : w[c]) / std::sqrt(var[c] + eps);
+    }
+    TORCH_BN_CPU_DISPATCH(normalize, x, output, shape, mean.data(), scale.data(), data_or_null(channel_values(bias)));
+  }
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool training,
+    std::array<bool, 3> output_mask) {
+  check_input(input);
+  TORCH_CHECK(
+      grad_output.sizes() == input.sizes(),
+      "torch_bn: grad_output of shape ", grad_output.sizes(), " does not match input of shape ", input.sizes());
+  TORCH_CHECK(
+      grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
+      "torch_bn: grad_output must have the input's dtype and device");
+  check_per_channel(input, weight, "weight");
+  check_per_channel(input, mean, "mean");
+  check_per_channel(input, invstd, "invstd");
+  const auto [x, shape] = kernel_input(input);
+  const at::Tensor dy = with_layout_of(grad_output, x);
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::Tensor();
+  const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
+  std::vector<double> sum_dy(shape.channels, 0.0), sum_dy_xmu(shape.channels, 0.0);
+  const auto mean_values = channel_values(mean);
+  const auto invstd_values = channel_values(invstd);
+  if (x.numel() > 0 && (need_sums || output_mask[0])) {
+    const auto w = channel_values(weight);
+    TORCH_BN_CPU_DISPATCH(backward, dy, x, grad_input, shape, mean_values.data(), invstd_values.data(),
+                          data_or_null(w), training, need_sums ? sum_dy.data() : nullptr,
+                          need_sums ? sum_dy_xmu.data() : nullptr);
+  }
+  const auto param_type = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
+  at::Tensor grad_weight = at::empty({0}, input.options().dtype(param_type));
+  at::Tensor grad_bias = at::empty({0}, input.options().dtype(param_type));
+  if (output_mask[1]) {
+    // dweight = Σ dy·xhat = invstd · Σ dy·(x - mean)
+    std::vector<double> dw(shape.channels);
+    for (const auto c : c10::irange(shape.channels)) {
+      dw[c] = invstd_values[c] * sum_dy_xmu[c];
+    }
+    grad_weight = to_tensor(dw, param_type);
+  }
+  if (output_mask[2]) {
+    grad_bias = to_tensor(sum_dy, param_type);
+  }
+  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()), grad_weight, grad_bias};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_bn, CPU, m) {
+  m.impl("forward_train", &forward_train);
+  m.impl("forward_eval", &forward_eval);
+  m.impl("backward", &backward);
+  m.impl("update_running_stats", &update_running_stats);
+}
+
+} // namespace torch_bn

@@ -1,0 +1,36 @@
+// Every torch_bn operator schema, in one place. Kernels live in cpu/ and cuda/; the fake
+// (meta) kernels and autograd wiring live in torch_bn/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// The extension is imported as torch_bn._C only so that loading it runs the registrations
+// below; it exposes no Python functions of its own.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(torch_bn, m) {
+  // Batch statistics and normalized output in one call. mean/invstd are float32 for
+  // float32/float16/bfloat16 input and float64 for float64 input.
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor mean, Tensor invstd)");
+  // Normalization with given (running) statistics.
+  m.def(
+      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, float eps) -> Tensor");
+  // Gradients of either forward: `mean`/`invstd` are the saved batch statistics when
+  // `training`, else the running mean and 1/sqrt(running_var + eps).
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
+      " bool training, bool[3] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // running = (1 - f) * running + f * batch, with f = momentum, or 1/num_batches_tracked
+  // (after its increment) when momentum is None. `count` is the number of values per channel
+  // that produced mean/invstd; count == 0 (an empty batch) only bumps num_batches_tracked.
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var,"
+      " Tensor(c!)? num_batches_tracked, Tensor mean, Tensor invstd, float? momentum,"
+      " float eps, int count, bool unbiased) -> ()");
+}

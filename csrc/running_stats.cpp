@@ -1,0 +1,64 @@
+#include "running_stats.h"
+
+#include "checks.h"
+
+#include <ATen/ATen.h>
+
+namespace torch_bn {
+
+void update_running_stats(
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    std::optional<double> momentum,
+    double eps,
+    int64_t count,
+    bool unbiased) {
+  // Everything is checked before anything is written.
+  const int64_t channels = running_mean.numel();
+  check_per_channel(channels, running_mean.device(), running_mean, "running_mean");
+  check_per_channel(channels, running_mean.device(), running_var, "running_var");
+  check_per_channel(channels, running_mean.device(), mean, "mean");
+  check_per_channel(channels, running_mean.device(), invstd, "invstd");
+  check_eps(eps, /*training=*/true);
+  TORCH_CHECK(count >= 0, "torch_bn: count must be non-negative, got ", count);
+  TORCH_CHECK(
+      !unbiased || count != 1,
+      "torch_bn: an unbiased running variance needs more than one value per channel");
+  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (tracked) {
+    TORCH_CHECK(
+        num_batches_tracked->numel() == 1 && !at::isFloatingType(num_batches_tracked->scalar_type()),
+        "torch_bn: num_batches_tracked must be a one-element integer tensor");
+  }
+  TORCH_CHECK(
+      momentum.has_value() || tracked,
+      "torch_bn: momentum=None (a cumulative average) needs num_batches_tracked");
+
+  if (tracked) {
+    num_batches_tracked->add_(1);
+  }
+  // An empty batch counts as a batch (as in torch) but carries no statistics.
+  if (count == 0) {
+    return;
+  }
+  const auto f64 = running_mean.options().dtype(at::kDouble);
+  const at::Tensor factor = momentum.has_value()
+      ? at::scalar_tensor(*momentum, f64)
+      : at::reciprocal(num_batches_tracked->to(f64).reshape({}));
+  // The biased variance is recovered from invstd in double: 1/invstd² - eps.
+  at::Tensor batch_var = invstd.to(f64).pow(-2).sub_(eps).clamp_min_(0);
+  if (unbiased) {
+    batch_var.mul_(static_cast<double>(count) / static_cast<double>(count - 1));
+  }
+  const auto blend = [&](const at::Tensor& running, const at::Tensor& batch) {
+    const at::Tensor r = running.to(f64);
+    running.copy_(r + (batch.to(f64) - r) * factor);
+  };
+  blend(running_mean, mean);
+  blend(running_var, batch_var);
+}
+
+} // namespace torch_bn

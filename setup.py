@@ -1,0 +1,52 @@
+"""Builds torch_bn._C against the torch that is already installed.
+
+    pip install --no-build-isolation .
+
+(--no-build-isolation matters: an isolated build would download another torch.)
+"""
+
+import glob
+import os
+import sys
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_config import cxx_flags, with_cuda  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+
+
+def extension():
+    openmp = torch.backends.openmp.is_available()
+    cxx = cxx_flags(os.environ, openmp)
+    common = dict(
+        name="torch_bn._C",
+        sources=sources("*.cpp") + sources("cpu/*.cpp"),
+        extra_link_args=["-fopenmp"] if openmp else [],
+    )
+    if with_cuda(os.environ, torch.version.cuda, cpp_extension.CUDA_HOME):
+        return cpp_extension.CUDAExtension(
+            **dict(common, sources=common["sources"] + sources("cuda/*.cu")),
+            define_macros=[("TORCH_BN_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        )
+    return cpp_extension.CppExtension(**common, extra_compile_args={"cxx": cxx})
+
+
+setup(
+    name="torch_bn",
+    version="0.1.0",
+    description="Fast, exact BatchNorm for PyTorch with fused C++ (and CUDA) kernels",
+    packages=find_packages(include=["torch_bn", "torch_bn.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    python_requires=">=3.9",
+    install_requires=[],  # torch is expected to be installed already; see README.
+)

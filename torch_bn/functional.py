@@ -1,0 +1,135 @@
+"""The functional form of torch_bn: ``batch_norm`` (torch.nn.functional.batch_norm's signature)
+and ``BatchNormFunction``, the autograd Function over the torch_bn operators."""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch normalization with gradients for input, weight and bias.
+
+    ``forward(input, weight, bias, running_mean, running_var, training, eps)`` returns
+    ``(output, mean, invstd)``: in training the batch statistics, in evaluation the running mean
+    and 1/sqrt(running_var + eps); both are non-differentiable. First-order gradients run the
+    fused backward kernel; under ``create_graph=True`` the backward is composed of
+    differentiable torch ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, eps):
+        if training:
+            output, mean, invstd = ops.forward_train(input, weight, bias, eps)
+        else:
+            output = ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
+            mean = running_mean.to(ops.stats_dtype(input), copy=True)
+            invstd = torch.rsqrt(running_var.to(ops.stats_dtype(input)) + eps)
+        ctx.training = training
+        ctx.eps = eps
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return output, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            grads = _differentiable_backward(grad_output, input, weight, mean, invstd, ctx.training, ctx.eps, needs)
+        else:
+            grads = ops.gradients(grad_output, input, weight, mean, invstd, ctx.training, needs)
+        return (*grads, None, None, None, None)
+
+
+def _differentiable_backward(grad_output, input, weight, mean, invstd, training, eps, needs):
+    """The backward formulas in differentiable torch ops, for higher-order gradients.
+
+    In training the statistics are recomputed from ``input`` so that their dependence on it is
+    part of the graph; in evaluation they are constants.
+    """
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    acc = ops.stats_dtype(input)
+    x = input.to(acc)
+    dy = grad_output.to(acc)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean, invstd = mean.view(shape), invstd.view(shape)
+    xhat = (x - mean) * invstd
+    scale = invstd if weight is None else invstd * weight.to(acc).view(shape)
+    if training:
+        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
+    else:
+        grad_input = dy * scale
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    return (
+        grad_input.to(input.dtype) if needs[0] else None,
+        (dy * xhat).sum(dims).to(param_dtype) if needs[1] and weight is not None else None,
+        dy.sum(dims).to(param_dtype) if needs[2] else None,
+    )
+
+
+def verify_batch_size(size: torch.Size) -> None:
+    """torch's check (and message) that training sees more than one value per channel."""
+    values = size[0]
+    for extent in size[2:]:
+        values *= extent
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def normalize(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+    num_batches_tracked: Optional[Tensor] = None,
+    unbiased_running_var: bool = True,
+) -> Tensor:
+    """Batch norm plus the running-statistics update, as the modules need it.
+
+    ``momentum=None`` is the cumulative average over ``num_batches_tracked``, which is
+    incremented (after every check has passed) when given. ``unbiased_running_var=False``
+    stores the biased batch variance, as Keras and Flax do.
+    """
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("torch_bn: running_mean and running_var are required when training=False")
+    output, mean, invstd = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+    if training and running_mean is not None and running_var is not None:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        if momentum is None and num_batches_tracked is None:
+            momentum = 0.0  # torch's factor when there is nothing to average over
+        with torch.no_grad():
+            ops.update_running_stats(
+                running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count, unbiased_running_var
+            )
+    return output
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm``: same signature, same semantics.
+
+    In training the output uses the biased batch variance and, when running statistics are
+    given, they are updated in place with ``momentum`` and the unbiased batch variance.
+    """
+    if training:
+        verify_batch_size(input.size())
+    return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps)

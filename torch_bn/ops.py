@@ -1,0 +1,163 @@
+"""The torch_bn operators: one wrapper per op, its fake kernel, and the autograd formulas.
+
+The kernels are registered from C++ (csrc/ops.cpp has every schema); loading ``torch_bn._C``
+runs those registrations. Fake kernels let ``torch.compile`` and ``torch.export`` trace the ops
+without running them.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the torch_bn operators)
+
+
+def forward_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (output, batch mean, batch 1/sqrt(biased variance + eps))."""
+    return torch.ops.torch_bn.forward_train.default(input, weight, bias, eps)
+
+
+def forward_eval(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    return torch.ops.torch_bn.forward_eval.default(input, weight, bias, running_mean, running_var, eps)
+
+
+def backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    output_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_input, grad_weight, grad_bias); an output not asked for is an empty tensor."""
+    return torch.ops.torch_bn.backward.default(grad_output, input, weight, mean, invstd, training, output_mask)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    momentum: Optional[float],
+    eps: float,
+    count: int,
+    unbiased: bool,
+) -> None:
+    """Blends the batch statistics into the running ones in place (see csrc/ops.cpp)."""
+    torch.ops.torch_bn.update_running_stats.default(
+        running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count, unbiased
+    )
+
+
+def stats_dtype(input: Tensor) -> torch.dtype:
+    """The dtype of batch statistics: float64 for float64 input, float32 otherwise (as ATen)."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _kernel_layout_empty(input: Tensor) -> Tensor:
+    # The kernels write contiguous and channels-last inputs in their own layout and copy any
+    # other layout to contiguous first.
+    channels_last = (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)) or (
+        input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d)
+    )
+    if input.is_contiguous() or channels_last:
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+def _check_input(input: Tensor) -> None:
+    torch._check(input.dim() >= 2, lambda: f"torch_bn: expected input of at least 2 dimensions, got {input.dim()}D input")
+    torch._check(input.is_floating_point(), lambda: f"torch_bn: expected a floating-point input, got {input.dtype}")
+
+
+def _check_per_channel(input: Tensor, t: Optional[Tensor], name: str) -> None:
+    if t is not None:
+        torch._check(
+            t.dim() == 1 and t.shape[0] == input.shape[1],
+            lambda: f"torch_bn: {name} should contain {input.shape[1]} elements (one per channel), got shape {tuple(t.shape)}",
+        )
+
+
+@torch.library.register_fake("torch_bn::forward_train")
+def _forward_train_fake(input, weight, bias, eps):
+    _check_input(input)
+    _check_per_channel(input, weight, "weight")
+    _check_per_channel(input, bias, "bias")
+    channels = input.shape[1]
+    stats = input.new_empty((channels,), dtype=stats_dtype(input))
+    return _kernel_layout_empty(input), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("torch_bn::forward_eval")
+def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+    _check_input(input)
+    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
+        _check_per_channel(input, t, name)
+    return _kernel_layout_empty(input)
+
+
+@torch.library.register_fake("torch_bn::backward")
+def _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+    _check_input(input)
+    channels = input.shape[1]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_input = _kernel_layout_empty(input) if output_mask[0] else input.new_empty((0,))
+    grad_weight = input.new_empty((channels if output_mask[1] else 0,), dtype=param_dtype)
+    grad_bias = input.new_empty((channels if output_mask[2] else 0,), dtype=param_dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+@torch.library.register_fake("torch_bn::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count, unbiased):
+    return None
+
+
+def gradients(grad_output, input, weight, mean, invstd, training, needs_grad):
+    """(grad_input, grad_weight, grad_bias) through the backward op, None where not needed."""
+    mask = [bool(needs_grad[0]), bool(needs_grad[1]) and weight is not None, bool(needs_grad[2])]
+    if not any(mask):
+        return None, None, None
+    grads = backward(grad_output, input, weight, mean, invstd, training, mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+
+def _forward_train_setup(ctx, inputs, output):
+    input, weight, _bias, _eps = inputs
+    _y, mean, invstd = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+
+
+def _forward_train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
+    input, weight, mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = gradients(grad_output, input, weight, mean, invstd, True, ctx.needs_input_grad)
+    return grad_input, grad_weight, grad_bias, None
+
+
+def _forward_eval_setup(ctx, inputs, output):
+    input, weight, _bias, running_mean, running_var, eps = inputs
+    invstd = torch.rsqrt(running_var.to(stats_dtype(input)) + eps)
+    ctx.save_for_backward(input, weight, running_mean, invstd)
+
+
+def _forward_eval_backward(ctx, grad_output):
+    input, weight, running_mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = gradients(
+        grad_output, input, weight, running_mean, invstd, False, ctx.needs_input_grad
+    )
+    return grad_input, grad_weight, grad_bias, None, None, None
+
+
+# The ops are differentiable on their own too (first order), so they can be used without the
+# modules and pass torch.library.opcheck's autograd checks.
+torch.library.register_autograd("torch_bn::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
+torch.library.register_autograd("torch_bn::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
