@@ -2,49 +2,87 @@
 
 Each is a subclass of its torch.nn counterpart, so parameters, buffers, state_dict keys,
 repr, ``isinstance`` checks and checkpoints are those of torch.nn; only ``forward`` differs.
+Two options beyond torch.nn are plain attributes (pickled with the module, shown in the repr
+when set, never in the state_dict, so checkpoints load into torch.nn and back):
+
+- ``running_var_biased`` (constructor keyword): the running variance is updated with the biased
+  batch variance, as Keras and Flax do, and training on one value per channel is allowed (the
+  output is then ``bias``), since only the unbiased variance is undefined there.
+- ``frozen`` (set by ``torch_bn.freeze``): the layer computes what it computes in evaluation
+  mode even when ``training`` is True, so a parent's ``.train()`` does not undo it.
 """
 
 import torch
 from torch import Tensor
 
+from .conventions import KerasFlaxConstructors
 from .functional import normalize, verify_batch_size
 
 
-class _TorchBNForward:
+class _TorchBNForward(KerasFlaxConstructors):
     """torch.nn's _BatchNorm.forward, computed by the torch_bn operators.
 
     Unlike torch, which bumps ``num_batches_tracked`` before the input is checked, nothing is
     changed until every check has passed.
     """
 
+    # Class-level defaults: layers converted from torch.nn (by a class change) and layers
+    # pickled before an option existed read these.
+    running_var_biased = False
+    frozen = False
+
+    def __init__(self, *args, running_var_biased: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.running_var_biased = running_var_biased
+
+    @property
+    def _training_mode(self) -> bool:
+        """Whether this call trains: ``training`` unless the layer is frozen."""
+        return self.training and not self.frozen
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        if training:
+        training_mode = self._training_mode
+        batch_stats = training_mode or (self.running_mean is None and self.running_var is None)
+        if batch_stats and not self.running_var_biased:
             verify_batch_size(input.size())
         # Running statistics are read in evaluation and updated in training when tracked.
-        use_running = not self.training or self.track_running_stats
-        tracking = self.training and self.track_running_stats
+        use_running = not training_mode or self.track_running_stats
+        tracking = training_mode and self.track_running_stats
         return normalize(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
             self.weight,
             self.bias,
-            training,
+            batch_stats,
             self.momentum,
             self.eps,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
+            unbiased_running_var=not self.running_var_biased,
         )
+
+    def extra_repr(self) -> str:
+        options = [name for name in ("running_var_biased", "frozen") if getattr(self, name)]
+        return ", ".join([super().extra_repr()] + [f"{name}=True" for name in options])
 
 
 class BatchNorm1d(_TorchBNForward, torch.nn.BatchNorm1d):
-    """torch.nn.BatchNorm1d (2D or 3D input) with torch_bn's kernels."""
+    """torch.nn.BatchNorm1d (2D or 3D input) with torch_bn's kernels.
+
+    Takes torch.nn.BatchNorm1d's arguments, plus the keyword ``running_var_biased``.
+    """
 
 
 class BatchNorm2d(_TorchBNForward, torch.nn.BatchNorm2d):
-    """torch.nn.BatchNorm2d (4D input) with torch_bn's kernels."""
+    """torch.nn.BatchNorm2d (4D input) with torch_bn's kernels.
+
+    Takes torch.nn.BatchNorm2d's arguments, plus the keyword ``running_var_biased``.
+    """
 
 
 class BatchNorm3d(_TorchBNForward, torch.nn.BatchNorm3d):
-    """torch.nn.BatchNorm3d (5D input) with torch_bn's kernels."""
+    """torch.nn.BatchNorm3d (5D input) with torch_bn's kernels.
+
+    Takes torch.nn.BatchNorm3d's arguments, plus the keyword ``running_var_biased``.
+    """
