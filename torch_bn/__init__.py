@@ -1,7 +1,25 @@
 """torch_bn: fast, exact BatchNorm for PyTorch with its own fused C++ (and CUDA) kernels."""
 
 from . import ops
+from .conversion import convert, convert_sync_batchnorm, revert
+from .freezing import freeze, freeze_all_but_batchnorm, unfreeze
 from .functional import BatchNormFunction, batch_norm
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm, SyncBatchNormFunction
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "batch_norm", "ops"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "SyncBatchNorm",
+    "SyncBatchNormFunction",
+    "batch_norm",
+    "convert",
+    "convert_sync_batchnorm",
+    "freeze",
+    "freeze_all_but_batchnorm",
+    "ops",
+    "revert",
+    "unfreeze",
+]
