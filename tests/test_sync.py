@@ -83,6 +83,22 @@ def reference_layer(case: Case) -> torch.nn.Module:
     return layer_class[len(case.sample_shape) + 1](case.sample_shape[0], momentum=case.momentum)
 
 
+def conv_net() -> torch.nn.Module:
+    """The same initial weights in every process."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def ddp_step(rank: int, data: dict) -> dict:
+    """One DDP training step of conv_net with torch_bn.SyncBatchNorm, on CPU."""
+    net = torch_bn.convert_sync_batchnorm(conv_net())
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    rows = rank_slice(CASES[0], rank)
+    y = ddp(data["x"][rows])
+    (y * data["dy"][rows][:, :1]).sum().backward()
+    return {"y": y.detach(), "mean_conv_grad": net[0].weight.grad}
+
+
 def worker(rank: int, port: int, datasets: dict, out_dir: str) -> None:
     # The parent may have run OpenMP regions: a forked child must not use OpenMP's thread pool.
     torch.set_num_threads(1)
@@ -115,6 +131,7 @@ def worker(rank: int, port: int, datasets: dict, out_dir: str) -> None:
         case = CASES[0]
         layer = torch_bn.SyncBatchNorm(case.sample_shape[0], process_group=groups[rank])
         results["own_group"] = train_step(layer, datasets[case.name], rank_slice(case, rank))
+        results["ddp"] = ddp_step(rank, datasets[case.name])
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -135,6 +152,9 @@ def datasets():
 @pytest.fixture(scope="module")
 def rank_results(datasets, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("GLOO_SOCKET_IFNAME", "lo")
+    # DDP imports torch._dynamo on construction (seconds); imported here once, the forked
+    # processes inherit it instead of importing it side by side.
+    import torch._dynamo  # noqa: F401
     out_dir = tmp_path_factory.mktemp("sync")
     context = mp.start_processes(
         worker, args=(free_port(), datasets, str(out_dir)), nprocs=WORLD_SIZE, join=False, start_method="fork"
@@ -184,6 +204,17 @@ def test_a_group_of_one_process_is_a_plain_layer(datasets, rank_results):
         expected = train_step(reference_layer(case), datasets[case.name], rank_slice(case, rank))
         for key, value in expected.items():
             assert_close(results["own_group"][key], value)
+
+
+def test_ddp_on_cpu_matches_one_process(datasets, rank_results):
+    data = datasets[CASES[0].name]
+    net = conv_net()
+    y = net(data["x"])
+    (y * data["dy"][:, :1]).sum().backward()
+    assert_close(torch.cat([results["ddp"]["y"] for results in rank_results]), y.detach())
+    for results in rank_results:
+        # DDP averages the processes' gradients; the one-process loss is their sum.
+        assert_close(results["ddp"]["mean_conv_grad"] * WORLD_SIZE, net[0].weight.grad)
 
 
 def test_outside_torch_distributed_it_is_a_plain_layer(datasets):

@@ -14,12 +14,13 @@ Works with any backend that has all_gather and all_reduce (gloo on CPU, NCCL on 
 torch.distributed, with a group of one process, or in evaluation, it is a plain torch_bn layer.
 """
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import ops
 from .modules import _TorchBNForward
@@ -108,12 +109,37 @@ def _input_gradient(grad_output, input, weight, mean, var, invstd, sums, count, 
     return grad_input.addcmul_(grad_output, scale.view(shape))
 
 
-class SyncBatchNorm(_TorchBNForward, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_TorchBNForward, _BatchNorm):
     """torch.nn.SyncBatchNorm with torch_bn's kernels, on CPU (gloo) as well as CUDA (NCCL).
 
     Takes torch.nn.SyncBatchNorm's arguments (``process_group=None`` is the default group), plus
-    the keyword ``running_var_biased``. Accepts any input of at least 2 dimensions.
+    the keyword ``running_var_biased``, and accepts any input of at least 2 dimensions. Unlike
+    the other torch_bn layers it is not a subclass of its torch.nn counterpart: DDP refuses every
+    ``torch.nn.SyncBatchNorm`` instance on CPU. It is a ``_BatchNorm`` with the same attributes,
+    parameters and buffers, so state_dicts and ``torch_bn.revert`` go both ways.
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[Any] = None,
+        device=None,
+        dtype=None,
+        *,
+        running_var_biased: bool = False,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, running_var_biased=running_var_biased
+        )
+        self.process_group = process_group
+
+    # torch.nn.SyncBatchNorm's input checks and messages.
+    _check_input_dim = torch.nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
