@@ -1,10 +1,11 @@
 """Freezing BatchNorm layers for fine-tuning, in a way a parent's ``.train()`` does not undo.
 
 A frozen layer behaves like Keras' ``trainable=False`` BatchNormalization: it normalizes with
-its running statistics, never updates them, and its weight and bias do not require grad. The
-``frozen`` flag is a plain attribute: it survives pickling (``torch.save(model)``) but is not in
-the state_dict, so a state_dict loads into torch.nn and torch_bn models alike; freeze the model
-that receives it (before or after loading).
+its running statistics, never updates them, and its weight and bias do not require grad (a
+layer built with ``track_running_stats=False`` has none and keeps using batch statistics, as in
+evaluation). The ``frozen`` flag is a plain attribute: it survives pickling
+(``torch.save(model)``) but is not in the state_dict, so a state_dict loads into torch.nn and
+torch_bn models alike; freeze the model that receives it (before or after loading).
 """
 
 import torch
