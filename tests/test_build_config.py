@@ -1,0 +1,59 @@
+"""setup.py's build choices (build_config.py), tested without building."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+# build_config.py sits beside setup.py and is not installed with the package.
+_spec = importlib.util.spec_from_file_location("build_config", Path(__file__).resolve().parents[1] / "build_config.py")
+build_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_config)
+
+CUDA_HOME = "/usr/local/cuda"
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "AUTO", " auto "], ids=str)
+def test_auto_without_cuda_torch_builds_cpu_only(choice):
+    environ = {} if choice is None else {"TORCH_BN_CUDA": choice}
+    # nvcc being installed does not matter when torch itself has no CUDA.
+    assert build_config.with_cuda(environ, None, CUDA_HOME) is False
+    assert build_config.with_cuda(environ, None, None) is False
+
+
+def test_auto_with_cuda_torch_needs_a_toolkit():
+    assert build_config.with_cuda({}, "12.8", CUDA_HOME) is True
+    assert build_config.with_cuda({}, "12.8", None) is False
+
+
+def test_auto_on_this_machine_follows_installed_torch():
+    from torch.utils.cpp_extension import CUDA_HOME as found_cuda_home
+
+    expected = torch.version.cuda is not None and found_cuda_home is not None
+    assert build_config.with_cuda({}, torch.version.cuda, found_cuda_home) is expected
+
+
+@pytest.mark.parametrize("choice", ["1", "true", "yes", "on", "ON"])
+def test_forced_on(choice):
+    assert build_config.with_cuda({"TORCH_BN_CUDA": choice}, None, None) is True
+
+
+@pytest.mark.parametrize("choice", ["0", "false", "no", "off", "Off"])
+def test_forced_off(choice):
+    assert build_config.with_cuda({"TORCH_BN_CUDA": choice}, "12.8", CUDA_HOME) is False
+
+
+@pytest.mark.parametrize("choice", ["2", "cuda", "", "maybe"])
+def test_garbage_is_an_error(choice):
+    with pytest.raises(ValueError, match="TORCH_BN_CUDA must be 1, 0 or auto"):
+        build_config.with_cuda({"TORCH_BN_CUDA": choice}, "12.8", CUDA_HOME)
+
+
+@pytest.mark.parametrize("openmp", [True, False])
+def test_native_code_is_opt_in(openmp):
+    # -march=native makes a build that crashes (SIGILL) on older CPUs, so it is never the default.
+    default = build_config.cxx_flags({}, openmp)
+    assert "-march=native" not in default
+    assert ("-fopenmp" in default) is openmp
+    assert "-march=native" in build_config.cxx_flags({"TORCH_BN_NATIVE": "1"}, openmp)

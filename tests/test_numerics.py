@@ -1,0 +1,178 @@
+"""Numerical behaviour: accuracy against float64 references, known numbers from BN-FACTS.md,
+bitwise determinism, empty batches and NaN inputs."""
+
+import pytest
+import torch
+
+import torch_bn
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def relative_error(actual, reference):
+    """Norm-wise relative error of actual against a float64 reference."""
+    return ((actual.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "mean, std, bound",
+    [
+        # torch's CPU kernels (2.13) measure about 2e-2, 3e-4 and 3e-4 here: they compute
+        # x * scale + shift with a shift of about -mean/std.
+        (1e4, 1e-2, 1e-2),
+        (1e4, 1.0, 1e-4),
+        (100.0, 1e-2, 1e-4),
+    ],
+    ids=["mean1e4-std1e-2", "mean1e4-std1", "mean100-std1e-2"],
+)
+def test_large_mean_small_spread(mean, std, bound, layout, training, device):
+    x = (torch.randn(16, 8, 12, 12, dtype=torch.float64) * std + mean).float().to(device)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    exact_input = x.double()
+    running_mean = exact_input.mean((0, 2, 3)).float()
+    running_var = exact_input.var((0, 2, 3)).float()
+    errors = {}
+    for name, cls in (("torch_bn", torch_bn.BatchNorm2d), ("torch", torch.nn.BatchNorm2d)):
+        bn = cls(8).to(device).train(training)
+        bn.running_mean.copy_(running_mean)
+        bn.running_var.copy_(running_var)
+        reference = torch.nn.functional.batch_norm(
+            exact_input, running_mean.double(), running_var.double(), training=training, eps=bn.eps
+        )
+        with torch.no_grad():
+            errors[name] = relative_error(bn(x), reference)
+    assert errors["torch_bn"] <= bound, f"relative errors {errors}, bound {bound}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_types_round_once(dtype, layout, training, device):
+    """Half-type results are the float64 result of the same (rounded) data, rounded once."""
+    x = (torch.randn(6, 5, 7, 3) * 3 + 2).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
+    grad_output = torch.randn_like(x)
+    bn = torch_bn.BatchNorm2d(5).to(device).train(training)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(1, 3)
+        bn.running_var.uniform_(5, 12)
+    reference = torch.nn.BatchNorm2d(5).to(device).double().train(training)
+    reference.load_state_dict(bn.state_dict())
+
+    x_ours, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()
+    y_ours, y_ref = bn(x_ours), reference(x_ref)
+    y_ours.backward(grad_output)
+    y_ref.backward(grad_output.double())
+    # One rounding of an O(1) value is at most half a unit in the last place; one unit leaves
+    # room for float32 intermediate error. Values near zero get the same absolute bound as 1.
+    unit = torch.finfo(dtype).eps
+    for name, ours, ref in (("output", y_ours, y_ref), ("grad_input", x_ours.grad, x_ref.grad)):
+        scale = ref.abs().clamp_min(1.0)
+        error = ((ours.double() - ref).abs() / scale).max().item()
+        assert error <= unit, f"{name}: {error / unit:.2f} units in the last place"
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(bn, name).grad.double(), getattr(reference, name).grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_facts_batchnorm1d_single_batch():
+    bn = torch_bn.BatchNorm1d(1)
+    y = bn(torch.tensor([[1.0], [2.0], [3.0], [4.0]]))
+    torch.testing.assert_close(y.flatten(), torch.tensor([-1.34164, -0.44721, 0.44721, 1.34164]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(bn.running_mean, torch.tensor([0.25]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, torch.tensor([1.066667]), rtol=0, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_bn_facts_cumulative_average():
+    bn = torch_bn.BatchNorm1d(1, momentum=None)
+    bn(torch.tensor([[1.0], [3.0]]))
+    bn(torch.tensor([[5.0], [7.0]]))
+    torch.testing.assert_close(bn.running_mean, torch.tensor([4.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, torch.tensor([2.0]), rtol=0, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 2
+
+
+def train_steps(bn, inputs):
+    """Outputs, gradients and running statistics of forward/backward over the inputs."""
+    results = []
+    for x, grad_output in inputs:
+        x = x.clone().requires_grad_()
+        y = bn(x)
+        y.backward(grad_output)
+        results += [y.detach(), x.grad, bn.weight.grad.clone(), bn.bias.grad.clone(), bn.running_mean.clone(), bn.running_var.clone()]
+    return results
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, device):
+    # Large enough that the kernels split the work between threads.
+    inputs = [
+        ((torch.randn(16, 24, 20, 20) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(16, 24, 20, 20).to(device, dtype))
+        for _ in range(2)
+    ]
+    initial = torch_bn.BatchNorm2d(24).to(device)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for num_threads in (1, 2, 2):
+            torch.set_num_threads(num_threads)
+            bn = torch_bn.BatchNorm2d(24).to(device)
+            bn.load_state_dict(initial.state_dict())
+            runs.append(train_steps(bn, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for index, (first, other) in enumerate(zip(runs[0], run)):
+            assert torch.equal(first, other), f"result {index} differs between runs"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_empty_batch_matches_torch(layout, training, device):
+    ours = torch_bn.BatchNorm2d(3).to(device).train(training)
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1)
+        ours.running_var.uniform_(0.5, 2)
+        ours.weight.uniform_(0.5, 1.5)
+    ref = torch.nn.BatchNorm2d(3).to(device).train(training)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.empty(0, 3, 4, 5, device=device).contiguous(memory_format=LAYOUTS[layout])
+    for bn in (ours, ref):
+        x_grad = x.clone().requires_grad_()
+        y = bn(x_grad)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x_grad.grad.shape == x.shape
+    for name, p in ours.named_parameters():
+        assert torch.equal(p.grad, getattr(ref, name).grad), name
+    for name, b in ours.named_buffers():
+        assert torch.equal(b, getattr(ref, name)), name
+    # torch counts the empty batch (num_batches_tracked + 1) and leaves the statistics alone.
+    assert ours.num_batches_tracked.item() == (1 if training else 0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_nan_input_matches_torch(layout, training, device):
+    ours = torch_bn.BatchNorm2d(4).to(device).train(training)
+    ref = torch.nn.BatchNorm2d(4).to(device).train(training)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 5, 5, device=device)
+    x[1, 2, 3, 0] = float("nan")
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    grad_output = torch.randn_like(x)
+    results = {}
+    for name, bn in (("ours", ours), ("ref", ref)):
+        x_grad = x.clone().requires_grad_()
+        y = bn(x_grad)
+        y.backward(grad_output)
+        results[name] = [y, x_grad.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+    for index, (a, b) in enumerate(zip(results["ours"], results["ref"])):
+        assert torch.equal(a.isnan(), b.isnan()), f"result {index}: NaN in different places"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # The NaN stays in its channel, in training and in evaluation.
+    assert results["ours"][0].isnan().any(dim=(0, 2, 3)).tolist() == [False, False, True, False]
