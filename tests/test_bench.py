@@ -1,0 +1,113 @@
+"""The benchmark suite: ResNet-50's shapes, the metrics' formulas, the targets' verdicts, a smoke
+run of the main script, and the end-to-end step's loss agreement."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a package of the checkout, not of the install
+
+from benchmarks import metrics, targets, train_step  # noqa: E402
+from benchmarks.cases import IMPLS, MODES, Case  # noqa: E402
+from benchmarks.shapes import bn_input_shapes, resnet50_shapes  # noqa: E402
+
+
+def test_resnet50_has_53_batchnorms_over_12_shapes():
+    assert len(bn_input_shapes(32)) == 53
+    assert resnet50_shapes(32) == [
+        ((32, 64, 112, 112), 1),
+        ((32, 64, 56, 56), 6),
+        ((32, 256, 56, 56), 4),
+        ((32, 128, 56, 56), 1),
+        ((32, 128, 28, 28), 7),
+        ((32, 512, 28, 28), 5),
+        ((32, 256, 28, 28), 1),
+        ((32, 256, 14, 14), 11),
+        ((32, 1024, 14, 14), 7),
+        ((32, 512, 14, 14), 1),
+        ((32, 512, 7, 7), 5),
+        ((32, 2048, 7, 7), 4),
+    ]
+
+
+def synthetic_rows(torch_bn_ms: float, torch_ms: float, copy_ms: float, mode: str = "forward-train", shape=(32, 64, 56, 56)):
+    case = Case(shape, 6, "float32", "NCHW")
+    times = {metrics.COPY: [copy_ms / 1e3] * 3, (mode, "torch_bn"): [torch_bn_ms / 1e3] * 3, (mode, "torch"): [torch_ms / 1e3] * 3}
+    return metrics.case_rows(case, times)
+
+
+def test_rows_scale_the_copy_to_the_modes_minimal_bytes():
+    size = 32 * 64 * 56 * 56 * 4
+    # forward+backward moves 5 S, 2.5 times a copy of x: 25 ms against a 10 ms copy is copy speed.
+    ours, peer = synthetic_rows(torch_bn_ms=25.0, torch_ms=75.0, copy_ms=10.0, mode="forward+backward")
+    assert ours["ratio_to_copy"] == pytest.approx(1.0)
+    assert ours["gb_per_s"] == pytest.approx(5 * size / 25e-3 / 1e9)
+    assert ours["speedup"] == {"torch": pytest.approx(3.0)}
+    assert peer["speedup"] == {"torch_bn": pytest.approx(1 / 3)}
+    assert peer["ratio_to_copy"] == pytest.approx(3.0)
+
+
+def test_summary_takes_geometric_means_over_shapes():
+    rows = synthetic_rows(10.0, 40.0, 10.0) + synthetic_rows(10.0, 10.0, 10.0, shape=(32, 256, 14, 14))
+    (group,) = metrics.summarize(rows)
+    assert group["geomean_speedup"] == {"torch": pytest.approx(2.0)}
+    assert group["min_speedup"] == {"torch": pytest.approx(1.0)}
+    assert group["resnet50_layers_ms"]["torch"] == pytest.approx(6 * 40.0 + 6 * 10.0)
+
+
+def verdicts(rows, train_speedup=None):
+    train = {"speedup": train_speedup} if train_speedup else None
+    return {entry["target"].split(";")[0]: entry["status"] for entry in targets.checklist(rows, metrics.summarize(rows), train)}
+
+
+def test_checklist_passes_fails_and_marks_what_was_not_measured():
+    fast = verdicts(synthetic_rows(torch_bn_ms=10.0, torch_ms=35.0, copy_ms=8.0), train_speedup=1.2)
+    assert fast["forward-train NCHW float32: geomean speedup vs torch"] == "PASS"
+    assert fast["forward-train 32x64x56x56 NCHW float32: time / copy time of the same bytes"] == "PASS"  # 1.25 <= 1.4
+    assert fast["end-to-end training step: speedup vs torch.nn BatchNorm"] == "PASS"
+    assert fast["forward-train NCHW float32: geomean speedup vs torch.compile"] == "n/a"
+    assert fast["forward+backward NCHW bfloat16: geomean speedup vs torch"] == "n/a"
+    slow = verdicts(synthetic_rows(torch_bn_ms=20.0, torch_ms=19.0, copy_ms=8.0), train_speedup=1.1)
+    assert slow["forward-train NCHW float32: geomean speedup vs torch"] == "FAIL"
+    assert slow["no shape slower than torch in any mode, dtype, layout"] == "FAIL"
+    assert slow["forward-train 32x64x56x56 NCHW float32: time / copy time of the same bytes"] == "FAIL"
+    assert slow["end-to-end training step: speedup vs torch.nn BatchNorm"] == "FAIL"
+
+
+def test_bench_script_writes_a_complete_result(tmp_path):
+    command = [sys.executable, "-m", "benchmarks.bench", "--device", "cpu", "--batch", "4", "--shapes", "16x8x8"]
+    command += ["--dtypes", "float32", "--layouts", "channels_last", "--repeats", "1", "--block-time", "0.001"]
+    command += ["--warmup", "1", "--train-steps", "1", "--out", str(tmp_path / "{device}")]
+    completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "targets (cpu):" in completed.stdout
+    out = tmp_path / "cpu"
+    results = json.loads((out / "bench.json").read_text())
+    assert {(row["mode"], row["impl"]) for row in results["rows"]} == {(mode, impl) for mode in MODES for impl in IMPLS}
+    for row in results["rows"]:
+        assert row["shape"] == [4, 16, 8, 8] and row["layout"] == "channels_last"
+        assert row["ms"] > 0 and math.isfinite(row["ratio_to_copy"])
+        assert set(row["speedup"]) == set(IMPLS) - {row["impl"]}
+    assert len(results["summary"]) == len(MODES)
+    assert results["train_step"]["losses_agree"]
+    assert {entry["status"] for entry in results["checklist"]} <= {"PASS", "FAIL", "n/a"}
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch"]
+    with (out / "bench.csv").open() as file:
+        assert len(list(csv.DictReader(file))) == len(results["rows"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_step_losses_agree_between_torch_and_torch_bn():
+    result = train_step.run(batch=2, steps=1)
+    losses = result["losses"]
+    assert len(losses["torch"]) == len(losses["torch_bn"]) == 2
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses["torch"])
+    assert result["max_loss_rel_diff"] <= train_step.LOSS_RTOL
+    assert result["losses_agree"]
+    assert result["step_ms"]["torch"] > 0 and result["step_ms"]["torch_bn"] > 0
