@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of a small network built on torch_bn matches eager mode.
+"""torch.compile(fullgraph=True) and torch.export of a small network built on torch_bn match
+eager mode.
 
 Compiling is slow, so there are few cases: one network, trained for two steps and evaluated.
 """
@@ -52,7 +53,29 @@ def test_compiled_net_matches_eager(training, device):
         grad_output = torch.randn_like(y_eager)
         y_eager.backward(grad_output)
         y_compiled.backward(grad_output)
-        for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_copy.parameters()):
-            torch.testing.assert_close(p_compiled.grad, p_eager.grad, **TOLERANCE, msg=lambda m: f"step {step} grad {name}: {m}")
-        for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_copy.buffers()):
-            torch.testing.assert_close(b_compiled, b_eager, **TOLERANCE, msg=lambda m: f"step {step} {name}: {m}")
+        compiled_state = dict(compiled_copy.named_parameters())
+        for name, p_eager in eager.named_parameters():
+            torch.testing.assert_close(compiled_state[name].grad, p_eager.grad, **TOLERANCE, msg=lambda m: f"step {step} grad {name}: {m}")
+        compiled_buffers = dict(compiled_copy.named_buffers())
+        for name, b_eager in eager.named_buffers():
+            torch.testing.assert_close(compiled_buffers[name], b_eager, **TOLERANCE, msg=lambda m: f"step {step} {name}: {m}")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_exported_net_matches_eager(training, device):
+    eager = small_net().to(device).train(training)
+    exported_copy = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 7, 7, device=device) * 2 + 0.5
+    exported = torch.export.export(exported_copy, (x,))
+    ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert ("torch_bn.forward_train.default" if training else "torch_bn.forward_eval.default") in ops, ops
+    assert not [op for op in ops if "batch_norm" in op], ops
+    program = exported.module()
+    for step in range(2):
+        x = torch.randn(4, 3, 7, 7, device=device) * 2 + 0.5
+        torch.testing.assert_close(program(x), eager(x), **TOLERANCE, msg=lambda m: f"step {step} output: {m}")
+    # The exported program updates the running statistics as the module does.
+    exported_buffers = dict(program.named_buffers())
+    assert exported_buffers.keys() == dict(eager.named_buffers()).keys()
+    for name, b_eager in eager.named_buffers():
+        torch.testing.assert_close(exported_buffers[name], b_eager, **TOLERANCE, msg=lambda m: f"{name}: {m}")

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up the virtual environment (scripts/setup.sh) and runs the benchmarks against the
+# installed torch_bn. Arguments go to benchmarks/bench.py, e.g. `bash scripts/bench.sh --quick`.
+set -euo pipefail
+
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+# The benchmark's own needs: a progress bar and the plots.
+venv_pip install -q tqdm matplotlib
+
+cd "$repo"
+exec "$venv/bin/python" benchmarks/bench.py "$@"
