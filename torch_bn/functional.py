@@ -103,6 +103,11 @@ def normalize(
     """
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("torch_bn: running_mean and running_var are required when training=False")
+    if training:
+        # The forward op never sees the running statistics in training: check them before it
+        # runs, so that a bad buffer is reported as such and nothing is computed or changed.
+        ops.check_per_channel(input, running_mean, "running_mean")
+        ops.check_per_channel(input, running_var, "running_var")
     output, mean, invstd = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0

@@ -80,19 +80,25 @@ def _check_input(input: Tensor) -> None:
     torch._check(input.is_floating_point(), lambda: f"torch_bn: expected a floating-point input, got {input.dtype}")
 
 
-def _check_per_channel(input: Tensor, t: Optional[Tensor], name: str) -> None:
+def check_per_channel(input: Tensor, t: Optional[Tensor], name: str) -> None:
+    """The C++ ops' check of a per-channel tensor, for fake kernels and for Python callers."""
     if t is not None:
         torch._check(
             t.dim() == 1 and t.shape[0] == input.shape[1],
-            lambda: f"torch_bn: {name} should contain {input.shape[1]} elements (one per channel), got shape {tuple(t.shape)}",
+            lambda: f"torch_bn: {name} should contain {input.shape[1]} elements (one per channel), got shape {list(t.shape)}",
+        )
+        # A tensor on another device can route the call to the fake kernel (meta) or to the
+        # wrong backend, so the fake kernels check devices too.
+        torch._check(
+            t.device == input.device, lambda: f"torch_bn: {name} is on {t.device} but expected {input.device}"
         )
 
 
 @torch.library.register_fake("torch_bn::forward_train")
 def _forward_train_fake(input, weight, bias, eps):
     _check_input(input)
-    _check_per_channel(input, weight, "weight")
-    _check_per_channel(input, bias, "bias")
+    check_per_channel(input, weight, "weight")
+    check_per_channel(input, bias, "bias")
     channels = input.shape[1]
     stats = input.new_empty((channels,), dtype=stats_dtype(input))
     return _kernel_layout_empty(input), stats, torch.empty_like(stats)
@@ -102,7 +108,7 @@ def _forward_train_fake(input, weight, bias, eps):
 def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
     _check_input(input)
     for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
-        _check_per_channel(input, t, name)
+        check_per_channel(input, t, name)
     return _kernel_layout_empty(input)
 
 

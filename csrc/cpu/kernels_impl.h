@@ -27,8 +27,8 @@ namespace {
 // each block leaves O(C) doubles behind, so a block has at least kMinBlockRows rows.
 constexpr int64_t kBlockValues = 32768;
 constexpr int64_t kMinBlockRows = 64;
-// Rows with few channels are processed several at a time, so vector loops see long runs.
-constexpr int64_t kMinGroupValues = 64;
+// Rows are processed several at a time, so that per-run overhead is paid per kilo-value.
+constexpr int64_t kMinGroupValues = 1024;
 // Values per task for at::parallel_for in the element-wise passes.
 constexpr int64_t kGrainValues = 32768;
 
@@ -46,6 +46,35 @@ template <typename acc_t>
 MeanSplit<acc_t> split_mean(double mean) {
   const acc_t hi = static_cast<acc_t>(mean);
   return {hi, static_cast<acc_t>(mean - static_cast<double>(hi))};
+}
+
+// Count, mean and sum of squared deviations of a set of values, merged pairwise in double
+// (Chan, Golub and LeVeque), in a fixed order.
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n, double other_mean, double other_m2) {
+    const double merged = count + n;
+    const double delta = other_mean - mean;
+    mean += delta * n / merged;
+    m2 += other_m2 + delta * delta * count * n / merged;
+    count = merged;
+  }
+};
+
+// Exact two-pass moments of one chunk, which stays in L1 between its passes: a sum shifted by
+// the chunk's first value (so the terms are small), then Σ(x - mean)².
+template <typename acc_t>
+Moments chunk_moments(const acc_t* x, int64_t n) {
+  RunTotal<acc_t> sum;
+  reduce_shifted(x, n, Uniform<acc_t>{x[0]}, sum);
+  Moments m;
+  m.count = static_cast<double>(n);
+  m.mean = static_cast<double>(x[0]) + static_cast<double>(sum.total()) / m.count;
+  const auto split = split_mean<acc_t>(m.mean);
+  RunTotal<acc_t> sq;
+  reduce_sq_centered(x, n, Uniform<acc_t>{split.hi}, Uniform<acc_t>{split.lo}, sq);
+  m.m2 = static_cast<double>(sq.total());
+  return m;
 }
 
 // Calls f(offset, length) on consecutive pieces of at most kChunk values of [0, n).
@@ -125,24 +154,39 @@ struct RowPlan {
   }
 };
 
+// Calls f(block) on every block in parallel. Tasks get the same ranges whenever the block count
+// is the same; with `recent_first` each task walks its range backwards, so that after a pass
+// that walked it forwards, the blocks still in this core's cache are used first.
+template <typename F>
+void for_each_block(int64_t num_blocks, bool recent_first, const F& f) {
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = 0; i < b1 - b0; ++i) {
+      f(recent_first ? b1 - 1 - i : b0 + i);
+    }
+  });
+}
+
 // Folds tiled per-position totals into per-channel doubles.
 template <typename acc_t>
 void fold_groups(const std::vector<acc_t>& tiled, int64_t channels, double* out) {
   std::fill(out, out + channels, 0.0);
-  for (const auto i : c10::irange(static_cast<int64_t>(tiled.size()))) {
-    out[i % channels] += static_cast<double>(tiled[i]);
+  for (int64_t row = 0; row < static_cast<int64_t>(tiled.size()); row += channels) {
+    for (const auto c : c10::irange(channels)) {
+      out[c] += static_cast<double>(tiled[row + c]);
+    }
   }
 }
 
 template <typename scalar_t>
-void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p) {
+void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
+                    bool recent_first = false) {
   using acc_t = at::opmath_type<scalar_t>;
   if (s.rows) {
     const RowPlan plan(s);
-    const int64_t grain = std::max<int64_t>(1, kGrainValues / (plan.group_rows * s.channels));
-    at::parallel_for(0, div_up(plan.rows, plan.group_rows), grain, [&](int64_t g0, int64_t g1) {
+    for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
       std::vector<acc_t> in(kChunk), out(kChunk);
-      plan.for_each_chunk_in(g0 * plan.group_rows, std::min(plan.rows, g1 * plan.group_rows),
+      const int64_t r0 = block * plan.block_rows;
+      plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
             acc_t* y_chunk = output_chunk(y + first, out.data());
             affine(widen(x + first, in.data(), n), y_chunk, n,
@@ -178,7 +222,7 @@ std::vector<double> scale_by_invstd(const Shape& s, const double* weight, const 
 }
 
 // NCHW: each task owns whole channels and runs statistics and normalization back to back, so
-// the second and third reads of a channel come from cache.
+// the normalize pass reads the channel from cache.
 template <typename scalar_t>
 void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
                           const double* bias, double eps, double* mean_out, double* invstd_out) {
@@ -187,22 +231,16 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
   at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
     std::vector<acc_t> in(kChunk), out(kChunk);
     for (const auto c : c10::irange(c0, c1)) {
-      const Uniform<acc_t> shift{static_cast<acc_t>(x[c * s.inner])};
-      double sum = 0;
+      // One read of the channel for its statistics, one (from cache) to normalize it.
+      Moments moments;
       for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        RunTotal<acc_t> total;
-        reduce_shifted(widen(x + first, in.data(), len), len, shift, total);
-        sum += total.total();
+        const Moments chunk = chunk_moments(widen(x + first, in.data(), len), len);
+        moments.merge(chunk.count, chunk.mean, chunk.m2);
       });
-      const double mean = static_cast<double>(shift.value) + sum / n;
+      const double mean = moments.mean;
+      const double m2 = moments.m2;
       const auto m = split_mean<acc_t>(mean);
       const Uniform<acc_t> hi{m.hi}, lo{m.lo};
-      double m2 = 0;
-      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        RunTotal<acc_t> total;
-        reduce_sq_centered(widen(x + first, in.data(), len), len, hi, lo, total);
-        m2 += total.total();
-      });
       const double invstd = 1.0 / std::sqrt(m2 / n + eps);
       mean_out[c] = mean;
       invstd_out[c] = invstd;
@@ -232,10 +270,10 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     first_row[i] = static_cast<acc_t>(x[i % C]);
   }
   std::vector<double> block_mean(plan.num_blocks * C), block_m2(plan.num_blocks * C);
-  at::parallel_for(0, plan.num_blocks, 1, [&](int64_t b0, int64_t b1) {
+  for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     std::vector<acc_t> in(kChunk), totals(tiled), hi(tiled), lo(tiled);
     std::vector<double> folded(C);
-    for (const auto block : c10::irange(b0, b1)) {
+    {
       const int64_t r0 = block * plan.block_rows;
       const int64_t r1 = std::min(plan.rows, r0 + plan.block_rows);
       const double rows = static_cast<double>(r1 - r0);
@@ -249,10 +287,14 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
       for (const auto c : c10::irange(C)) {
         mean[c] = static_cast<double>(first_row[c]) + folded[c] / rows;
       }
-      for (const auto i : c10::irange(tiled)) {
-        const auto m = split_mean<acc_t>(mean[i % C]);
-        hi[i] = m.hi;
-        lo[i] = m.lo;
+      for (const auto c : c10::irange(C)) {
+        const auto m = split_mean<acc_t>(mean[c]);
+        hi[c] = m.hi;
+        lo[c] = m.lo;
+      }
+      for (int64_t row = C; row < tiled; row += C) {
+        std::copy_n(hi.begin(), C, hi.begin() + row);
+        std::copy_n(lo.begin(), C, lo.begin() + row);
       }
       std::fill(totals.begin(), totals.end(), acc_t(0));
       plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
@@ -265,22 +307,19 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
   });
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     for (const auto c : c10::irange(c0, c1)) {
-      double count = 0, mean = 0, m2 = 0;
+      Moments moments;
       for (const auto block : c10::irange(plan.num_blocks)) {
         const double rows = static_cast<double>(
             std::min(plan.rows, (block + 1) * plan.block_rows) - block * plan.block_rows);
-        const double delta = block_mean[block * C + c] - mean;
-        const double merged = count + rows;
-        mean += delta * rows / merged;
-        m2 += block_m2[block * C + c] + delta * delta * count * rows / merged;
-        count = merged;
+        moments.merge(rows, block_mean[block * C + c], block_m2[block * C + c]);
       }
-      mean_out[c] = mean;
-      invstd_out[c] = 1.0 / std::sqrt(m2 / count + eps);
+      mean_out[c] = moments.mean;
+      invstd_out[c] = 1.0 / std::sqrt(moments.m2 / moments.count + eps);
     }
   });
   const auto scale = scale_by_invstd(s, weight, invstd_out);
-  normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias));
+  normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias),
+                 /*recent_first=*/true);
 }
 
 // Training-mode input-gradient coefficients of one channel (see grad_input).
@@ -339,9 +378,9 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const int64_t tiled = plan.group_rows * C;
   const TiledMean<acc_t> centering(mean, C, plan.group_rows);
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
-  at::parallel_for(0, plan.num_blocks, 1, [&](int64_t b0, int64_t b1) {
+  for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     std::vector<acc_t> dy_in(kChunk), x_in(kChunk), sums(tiled), dots(tiled);
-    for (const auto block : c10::irange(b0, b1)) {
+    {
       const int64_t r0 = block * plan.block_rows;
       std::fill(sums.begin(), sums.end(), acc_t(0));
       std::fill(dots.begin(), dots.end(), acc_t(0));
@@ -379,10 +418,10 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k1 = tile<acc_t>(k1_of.data(), C, plan.group_rows);
   const auto k2 = tile<acc_t>(k2_of.data(), C, plan.group_rows);
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / tiled);
-  at::parallel_for(0, div_up(plan.rows, plan.group_rows), grain, [&](int64_t g0, int64_t g1) {
+  for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
     std::vector<acc_t> dy_in(kChunk), x_in(kChunk), out(kChunk);
-    plan.for_each_chunk_in(g0 * plan.group_rows, std::min(plan.rows, g1 * plan.group_rows),
+    const int64_t r0 = block * plan.block_rows;
+    plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
           grad_input(widen(dy + first, dy_in.data(), n), widen(x + first, x_in.data(), n), dx_chunk, n,
