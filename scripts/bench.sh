@@ -4,8 +4,6 @@
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-# The benchmark's own needs: a progress bar and the plots.
-venv_pip install -q tqdm matplotlib
 
 cd "$repo"
 exec "$venv/bin/python" benchmarks/bench.py "$@"

@@ -21,9 +21,10 @@ fi
 # and ninja compiles the sources in parallel (without it, one file at a time).
 echo "setup: build tools"
 venv_pip install -q --upgrade pip "setuptools>=70.1" wheel ninja
-# The torch that torch_bn is built and tested against (numpy spares torch a warning on import).
+# The torch that torch_bn is built and tested against (numpy spares torch a warning on import),
+# and what benchmarks/ needs (a progress bar, the plots), which the tests run too.
 echo "setup: torch 2.13.0"
-venv_pip install -q torch==2.13.0 numpy
+venv_pip install -q torch==2.13.0 numpy tqdm matplotlib
 # --no-build-isolation builds against the torch above; --no-deps keeps pip from resolving
 # another one. Not editable: tests and benchmarks run what a user installs.
 echo "setup: building and installing torch_bn (a few minutes)"
