@@ -26,6 +26,21 @@ TORCH_LIBRARY(torch_bn, m) {
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
       " bool training, bool[3] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The same with a fused epilogue: z = BN(x) + residual, output = act(z) for activation
+  // "identity", "relu" or "leaky_relu" (slope negative_slope). `mask` holds the sign of z, one
+  // bit per element in the input's memory order (LSB first), empty for "identity".
+  m.def(
+      "forward_train_act(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+      " str activation, float negative_slope) -> (Tensor output, Tensor mean, Tensor invstd, Tensor mask)");
+  m.def(
+      "forward_eval_act(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, Tensor? residual, float eps, str activation, float negative_slope)"
+      " -> (Tensor output, Tensor mask)");
+  // Gradients of the fused forward; grad_residual is dz = dy * act'(z), read off the mask.
+  m.def(
+      "backward_act(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
+      " Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // running = (1 - f) * running + f * batch, with f = momentum, or 1/num_batches_tracked
   // (after its increment) when momentum is None. `count` is the number of values per channel
   // that produced mean/invstd; count == 0 (an empty batch) only bumps num_batches_tracked.

@@ -4,6 +4,9 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <type_traits>
 
 namespace torch_bn::cpu {
@@ -38,6 +41,16 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
 template <typename scalar_t, typename acc_t>
 inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    at::vec::convert(chunk, dst, n);
+  }
+}
+
+// Writes a chunk computed in the accumulation type to its destination.
+template <typename scalar_t, typename acc_t>
+inline void store(const acc_t* chunk, scalar_t* dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::copy_n(chunk, n, dst);
+  } else {
     at::vec::convert(chunk, dst, n);
   }
 }
@@ -186,5 +199,78 @@ inline void grad_input(
   }
 }
 
+// z += r: the residual add of a fused layer.
+template <typename acc_t>
+inline void add_into(acc_t* z, const acc_t* r, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    (Vec::loadu(z + i) + Vec::loadu(r + i)).store(z + i);
+  }
+  for (; i < n; ++i) {
+    z[i] += r[i];
+  }
+}
+
+// Bits [bit, bit + n) of `mask` |= (z > 0). Partial bytes at either end may be shared with the
+// run another thread writes, so they are OR-ed atomically; whole bytes are plain stores.
+template <typename acc_t>
+inline void write_sign_bits(uint8_t* mask, int64_t bit, const acc_t* z, int64_t n) {
+  int64_t i = 0;
+  const auto or_partial = [&](int64_t count) {
+    uint8_t bits = 0;
+    for (int64_t k = 0; k < count; ++k, ++i) {
+      bits |= static_cast<uint8_t>(z[i] > acc_t(0)) << ((bit + i) & 7);
+    }
+    __atomic_fetch_or(mask + ((bit + i - 1) >> 3), bits, __ATOMIC_RELAXED);
+  };
+  const int64_t head = std::min(n, (8 - (bit & 7)) & 7);
+  if (head > 0) {
+    or_partial(head);
+  }
+  for (; i + 8 <= n; i += 8) {
+    uint8_t bits = 0;
+    for (int k = 0; k < 8; ++k) {
+      bits |= static_cast<uint8_t>(z[i + k] > acc_t(0)) << k;
+    }
+    mask[(bit + i) >> 3] = bits;
+  }
+  if (i < n) {
+    or_partial(n - i);
+  }
+}
+
+// z = z > 0 ? z : slope * z. ReLU (slope 0) takes max(z, 0) instead, so that -inf gives 0 as
+// in torch rather than -inf * 0; NaN stays NaN either way.
+template <typename acc_t>
+inline void leaky_relu(acc_t* z, int64_t n, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(acc_t(0)), k(slope);
+  int64_t i = 0;
+  if (slope == acc_t(0)) {
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      at::vec::maximum(Vec::loadu(z + i), zero).store(z + i);
+    }
+  } else {
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec v = Vec::loadu(z + i);
+      Vec::blendv(v * k, v, v > zero).store(z + i);
+    }
+  }
+  for (; i < n; ++i) {
+    z[i] = z[i] > acc_t(0) || std::isnan(z[i]) ? z[i] : (slope == acc_t(0) ? acc_t(0) : z[i] * slope);
+  }
+}
+
+// dz = mask bit ? dy : slope * dy, for bits [bit, bit + n); with slope 0 the gradient is
+// selected, not multiplied, as torch's threshold_backward does.
+template <typename acc_t>
+inline void gate_by_sign_bits(acc_t* dz, const acc_t* dy, const uint8_t* mask, int64_t bit, int64_t n, acc_t slope) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = bit + i;
+    const bool positive = (mask[e >> 3] >> (e & 7)) & 1;
+    dz[i] = positive ? dy[i] : (slope == acc_t(0) ? acc_t(0) : dy[i] * slope);
+  }
+}
 } // namespace CPU_CAPABILITY
 } // namespace torch_bn::cpu

@@ -1,6 +1,7 @@
 // The CPU kernels' entry points, built once per CPU capability (kernels_default.cpp,
 // kernels_avx2.cpp) and picked at run time by `dispatch`.
 #pragma once
+#include "../activation.h"
 #include "../layout.h"
 
 #include <ATen/core/Tensor.h>
@@ -11,20 +12,24 @@ namespace torch_bn::cpu {
 // between the kernels.
 #define TORCH_BN_DECLARE_CPU_KERNELS(capability)                                              \
   namespace capability {                                                                      \
-  /* Batch mean and biased variance of every channel, then y = (x-mean)*invstd*w + b. */     \
+  /* Batch mean and biased variance of every channel, then                                    \
+     y = act((x - mean) * invstd * w + b + residual) as the epilogue asks. */                 \
   void forward_train(                                                                         \
       const at::Tensor& input, const at::Tensor& output, const Shape& shape,                  \
-      const double* weight, const double* bias, double eps, double* mean, double* invstd);    \
-  /* y = (x - mean) * scale + shift with given per-channel mean, scale and shift. */          \
+      const double* weight, const double* bias, double eps, const Epilogue& epilogue,         \
+      double* mean, double* invstd);                                                          \
+  /* y = act((x - mean) * scale + shift + residual) with given per-channel mean, scale and    \
+     shift (a null mean or shift reads as zeros). */                                          \
   void normalize(                                                                             \
       const at::Tensor& input, const at::Tensor& output, const Shape& shape,                  \
-      const double* mean, const double* scale, const double* shift);                          \
-  /* Per-channel Σdy and Σdy(x-mean) into sum_dy/sum_dy_xmu when they are non-null, and the  \
-     input gradient when grad_input is defined. */                                            \
+      const double* mean, const double* scale, const double* shift, const Epilogue& epilogue); \
+  /* With dz = the prologue's gating of dy: per-channel Σdz and Σdz(x-mean) into              \
+     sum_dy/sum_dy_xmu when they are non-null, and the input gradient when grad_input is      \
+     defined. */                                                                              \
   void backward(                                                                              \
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grad_input,   \
       const Shape& shape, const double* mean, const double* invstd, const double* weight,     \
-      bool training, double* sum_dy, double* sum_dy_xmu);                                     \
+      bool training, const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu);      \
   }
 
 TORCH_BN_DECLARE_CPU_KERNELS(DEFAULT)

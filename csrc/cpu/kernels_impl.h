@@ -7,6 +7,7 @@
 // boundaries depend on the shape alone, never on the thread count, and partial results are
 // combined in a fixed order: the same input gives bitwise the same output on every run.
 #pragma once
+#include "../activation.h"
 #include "batch_norm_loops.h"
 #include "kernels.h"
 
@@ -177,37 +178,91 @@ void fold_groups(const std::vector<acc_t>& tiled, int64_t channels, double* out)
   }
 }
 
+// The normalize pass of one task: reads x a chunk at a time and writes
+// act(((x - mean) * scale + shift) + residual), recording the sign mask of a fused activation.
+template <typename scalar_t>
+struct NormalizeWriter {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+  const scalar_t* residual;
+  uint8_t* mask;
+  acc_t slope;
+  std::vector<acc_t> in, out, residual_in;
+
+  NormalizeWriter(const scalar_t* x, scalar_t* y, const Epilogue& e)
+      : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), mask(e.mask),
+        slope(static_cast<acc_t>(e.slope)), in(kChunk), out(kChunk), residual_in(residual ? kChunk : 0) {}
+
+  template <typename P>
+  void write(int64_t first, int64_t n, const P& hi, const P& lo, const P& scale, const P& shift) {
+    acc_t* z = output_chunk(y + first, out.data());
+    affine(widen(x + first, in.data(), n), z, n, hi, lo, scale, shift);
+    if (residual) {
+      add_into(z, widen(residual + first, residual_in.data(), n), n);
+    }
+    if (mask) {
+      write_sign_bits(mask, first, z, n);
+      leaky_relu(z, n, slope);
+    }
+    narrow(z, y + first, n);
+  }
+};
+
+// dy of one task, a chunk at a time, as the normalization's gradient dz: gated by the sign mask
+// of a fused activation, and stored as the residual's gradient on the pass that asks for it.
+template <typename scalar_t>
+struct GradReader {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* dy;
+  const uint8_t* mask;
+  acc_t slope;
+  scalar_t* grad_residual;
+  std::vector<acc_t> in, gated;
+
+  GradReader(const scalar_t* dy, const GradPrologue& p)
+      : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
+        grad_residual(static_cast<scalar_t*>(p.grad_residual)), in(kChunk), gated(mask ? kChunk : 0) {}
+
+  const acc_t* read(int64_t first, int64_t n, bool store_residual_grad) {
+    const acc_t* dz = widen(dy + first, in.data(), n);
+    if (mask) {
+      gate_by_sign_bits(gated.data(), dz, mask, first, n, slope);
+      dz = gated.data();
+    }
+    if (store_residual_grad && grad_residual) {
+      store(dz, grad_residual + first, n);
+    }
+    return dz;
+  }
+};
+
 template <typename scalar_t>
 void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
-                    bool recent_first = false) {
+                    const Epilogue& epilogue, bool recent_first = false) {
   using acc_t = at::opmath_type<scalar_t>;
   if (s.rows) {
     const RowPlan plan(s);
     for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
-      std::vector<acc_t> in(kChunk), out(kChunk);
+      NormalizeWriter<scalar_t> writer(x, y, epilogue);
       const int64_t r0 = block * plan.block_rows;
       plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
-            acc_t* y_chunk = output_chunk(y + first, out.data());
-            affine(widen(x + first, in.data(), n), y_chunk, n,
-                   PerChannel<acc_t>{p.mean.hi.data() + position}, PerChannel<acc_t>{p.mean.lo.data() + position},
-                   PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
-            narrow(y_chunk, y + first, n);
+            writer.write(first, n, PerChannel<acc_t>{p.mean.hi.data() + position},
+                         PerChannel<acc_t>{p.mean.lo.data() + position}, PerChannel<acc_t>{p.scale.data() + position},
+                         PerChannel<acc_t>{p.shift.data() + position});
           });
     });
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<acc_t> in(kChunk), out(kChunk);
+    NormalizeWriter<scalar_t> writer(x, y, epilogue);
     for (const auto plane : c10::irange(p0, p1)) {
       const int64_t c = plane % s.channels;
       for_each_chunk(s.inner, [&](int64_t offset, int64_t n) {
-        const int64_t first = plane * s.inner + offset;
-        acc_t* y_chunk = output_chunk(y + first, out.data());
-        affine(widen(x + first, in.data(), n), y_chunk, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]},
-               Uniform<acc_t>{p.scale[c]}, Uniform<acc_t>{p.shift[c]});
-        narrow(y_chunk, y + first, n);
+        writer.write(plane * s.inner + offset, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]},
+                     Uniform<acc_t>{p.scale[c]}, Uniform<acc_t>{p.shift[c]});
       });
     }
   });
@@ -225,11 +280,13 @@ std::vector<double> scale_by_invstd(const Shape& s, const double* weight, const 
 // the normalize pass reads the channel from cache.
 template <typename scalar_t>
 void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
-                          const double* bias, double eps, double* mean_out, double* invstd_out) {
+                          const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
+                          double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(s.count());
   at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> in(kChunk), out(kChunk);
+    std::vector<acc_t> in(kChunk);
+    NormalizeWriter<scalar_t> writer(x, y, epilogue);
     for (const auto c : c10::irange(c0, c1)) {
       // One read of the channel for its statistics, one (from cache) to normalize it.
       Moments moments;
@@ -247,9 +304,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
       const Uniform<acc_t> scale{static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd)};
       const Uniform<acc_t> shift_out{static_cast<acc_t>(bias ? bias[c] : 0.0)};
       for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        acc_t* y_chunk = output_chunk(y + first, out.data());
-        affine(widen(x + first, in.data(), len), y_chunk, len, hi, lo, scale, shift_out);
-        narrow(y_chunk, y + first, len);
+        writer.write(first, len, hi, lo, scale, shift_out);
       });
     }
   });
@@ -259,7 +314,8 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
 // the blocks are then merged in order with Chan et al.'s pairwise update.
 template <typename scalar_t>
 void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
-                        const double* bias, double eps, double* mean_out, double* invstd_out) {
+                        const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
+                        double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowPlan plan(s);
   const int64_t C = s.channels;
@@ -318,7 +374,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     }
   });
   const auto scale = scale_by_invstd(s, weight, invstd_out);
-  normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias),
+  normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias), epilogue,
                  /*recent_first=*/true);
 }
 
@@ -327,26 +383,32 @@ struct GradCoefficients {
   double k1, k2, k3;
 };
 
-GradCoefficients grad_coefficients(double weight, double invstd, double sum_dy, double sum_dy_xmu, double n) {
+// In evaluation the statistics are constants: dx = dy * weight * invstd.
+GradCoefficients grad_coefficients(bool training, double weight, double invstd, double sum_dy, double sum_dy_xmu,
+                                   double n) {
   const double k1 = weight * invstd;
+  if (!training) {
+    return {k1, 0.0, 0.0};
+  }
   return {k1, k1 * invstd * invstd * sum_dy_xmu / n, k1 * sum_dy / n};
 }
 
 template <typename scalar_t>
 void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Shape& s,
-                     const double* mean, const double* invstd, const double* weight,
-                     double* sum_dy, double* sum_dy_xmu) {
+                     const double* mean, const double* invstd, const double* weight, bool training,
+                     const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(s.count());
   at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), out(kChunk);
+    GradReader<scalar_t> grad(dy, prologue);
+    std::vector<acc_t> x_in(kChunk), out(kChunk);
     for (const auto c : c10::irange(c0, c1)) {
       const auto m = split_mean<acc_t>(mean[c]);
       const Uniform<acc_t> hi{m.hi}, lo{m.lo};
       double sum = 0, dot = 0;
       for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
         RunTotal<acc_t> sum_total, dot_total;
-        reduce_dy_dot(widen(dy + first, dy_in.data(), len), widen(x + first, x_in.data(), len), len,
+        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), widen(x + first, x_in.data(), len), len,
                       hi, lo, sum_total, dot_total);
         sum += sum_total.total();
         dot += dot_total.total();
@@ -356,12 +418,12 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       if (!dx) {
         continue;
       }
-      const auto k = grad_coefficients(weight ? weight[c] : 1.0, invstd[c], sum, dot, n);
+      const auto k = grad_coefficients(training, weight ? weight[c] : 1.0, invstd[c], sum, dot, n);
       const Uniform<acc_t> k1{static_cast<acc_t>(k.k1)}, k2{static_cast<acc_t>(k.k2)}, k3{static_cast<acc_t>(k.k3)};
       for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
         acc_t* dx_chunk = output_chunk(dx + first, out.data());
-        grad_input(widen(dy + first, dy_in.data(), len), widen(x + first, x_in.data(), len), dx_chunk,
-                   len, hi, lo, k1, k2, k3);
+        grad_input(grad.read(first, len, /*store_residual_grad=*/false), widen(x + first, x_in.data(), len),
+                   dx_chunk, len, hi, lo, k1, k2, k3);
         narrow(dx_chunk, dx + first, len);
       });
     }
@@ -370,8 +432,8 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
 
 template <typename scalar_t>
 void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Shape& s,
-                   const double* mean, const double* invstd, const double* weight,
-                   double* sum_dy, double* sum_dy_xmu) {
+                   const double* mean, const double* invstd, const double* weight, bool training,
+                   const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowPlan plan(s);
   const int64_t C = s.channels;
@@ -379,7 +441,8 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const TiledMean<acc_t> centering(mean, C, plan.group_rows);
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
-    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), sums(tiled), dots(tiled);
+    GradReader<scalar_t> grad(dy, prologue);
+    std::vector<acc_t> x_in(kChunk), sums(tiled), dots(tiled);
     {
       const int64_t r0 = block * plan.block_rows;
       std::fill(sums.begin(), sums.end(), acc_t(0));
@@ -387,7 +450,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
       plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
             ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
-            reduce_dy_dot(widen(dy + first, dy_in.data(), n), widen(x + first, x_in.data(), n), n,
+            reduce_dy_dot(grad.read(first, n, /*store_residual_grad=*/true), widen(x + first, x_in.data(), n), n,
                           PerChannel<acc_t>{centering.hi.data() + position},
                           PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
           });
@@ -409,7 +472,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   }
   std::vector<double> k1_of(C), k2_of(C), k3_of(C);
   for (const auto c : c10::irange(C)) {
-    const auto k = grad_coefficients(weight ? weight[c] : 1.0, invstd[c], sum_dy[c], sum_dy_xmu[c],
+    const auto k = grad_coefficients(training, weight ? weight[c] : 1.0, invstd[c], sum_dy[c], sum_dy_xmu[c],
                                      static_cast<double>(plan.rows));
     k1_of[c] = k.k1;
     k2_of[c] = k.k2;
@@ -419,12 +482,13 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k2 = tile<acc_t>(k2_of.data(), C, plan.group_rows);
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
-    std::vector<acc_t> dy_in(kChunk), x_in(kChunk), out(kChunk);
+    GradReader<scalar_t> grad(dy, prologue);
+    std::vector<acc_t> x_in(kChunk), out(kChunk);
     const int64_t r0 = block * plan.block_rows;
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
-          grad_input(widen(dy + first, dy_in.data(), n), widen(x + first, x_in.data(), n), dx_chunk, n,
+          grad_input(grad.read(first, n, /*store_residual_grad=*/false), widen(x + first, x_in.data(), n), dx_chunk, n,
                      PerChannel<acc_t>{centering.hi.data() + position},
                      PerChannel<acc_t>{centering.lo.data() + position},
                      PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
@@ -436,51 +500,54 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
 
 } // namespace
 
-void forward_train(const at::Tensor& input, const at::Tensor& output, const Shape& shape,
-                   const double* weight, const double* bias, double eps, double* mean, double* invstd) {
+void forward_train(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* weight,
+                   const double* bias, double eps, const Epilogue& epilogue, double* mean, double* invstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_forward_train", [&] {
     const auto* x = input.const_data_ptr<scalar_t>();
     auto* y = output.mutable_data_ptr<scalar_t>();
     if (shape.rows) {
-      forward_train_rows(x, y, shape, weight, bias, eps, mean, invstd);
+      forward_train_rows(x, y, shape, weight, bias, eps, epilogue, mean, invstd);
     } else {
-      forward_train_planar(x, y, shape, weight, bias, eps, mean, invstd);
+      forward_train_planar(x, y, shape, weight, bias, eps, epilogue, mean, invstd);
     }
   });
 }
 
-void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& shape,
-               const double* mean, const double* scale, const double* shift) {
+void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* mean,
+               const double* scale, const double* shift, const Epilogue& epilogue) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t group_rows = shape.rows ? RowPlan(shape).group_rows : 1;
     normalize_impl(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape,
-                   ChannelAffine<acc_t>(shape.channels, group_rows, mean, scale, shift));
+                   ChannelAffine<acc_t>(shape.channels, group_rows, mean, scale, shift), epilogue);
   });
 }
 
 void backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grad_input,
-              const Shape& shape, const double* mean, const double* invstd, const double* weight,
-              bool training, double* sum_dy, double* sum_dy_xmu) {
-  const bool need_sums = sum_dy != nullptr;
-  if (!training) {
-    // Eval: dx = dy * weight * invstd does not depend on x; only dweight/dbias read it.
-    if (grad_input.defined()) {
-      const auto scale = scale_by_invstd(shape, weight, invstd);
-      normalize(grad_output, grad_input, shape, nullptr, scale.data(), nullptr);
-    }
-    if (!need_sums) {
-      return;
-    }
+              const Shape& shape, const double* mean, const double* invstd, const double* weight, bool training,
+              const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu) {
+  const bool plain_grad = prologue.mask == nullptr && prologue.grad_residual == nullptr;
+  if (!training && plain_grad && sum_dy == nullptr) {
+    // Eval with dx alone: dx = dy * weight * invstd reads neither x nor a mask.
+    const auto scale = scale_by_invstd(shape, weight, invstd);
+    normalize(grad_output, grad_input, shape, nullptr, scale.data(), nullptr, Epilogue{});
+    return;
+  }
+  // The per-channel sums are needed for dx in training; otherwise they may not be asked for.
+  std::vector<double> unused_sums;
+  if (sum_dy == nullptr) {
+    unused_sums.assign(2 * shape.channels, 0.0);
+    sum_dy = unused_sums.data();
+    sum_dy_xmu = unused_sums.data() + shape.channels;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_backward", [&] {
     const auto* dy = grad_output.const_data_ptr<scalar_t>();
     const auto* x = input.const_data_ptr<scalar_t>();
-    scalar_t* dx = training && grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dx = grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
     if (shape.rows) {
-      backward_rows(dy, x, dx, shape, mean, invstd, weight, sum_dy, sum_dy_xmu);
+      backward_rows(dy, x, dx, shape, mean, invstd, weight, training, prologue, sum_dy, sum_dy_xmu);
     } else {
-      backward_planar(dy, x, dx, shape, mean, invstd, weight, sum_dy, sum_dy_xmu);
+      backward_planar(dy, x, dx, shape, mean, invstd, weight, training, prologue, sum_dy, sum_dy_xmu);
     }
   });
 }

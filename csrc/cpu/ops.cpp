@@ -1,5 +1,6 @@
 // CPU implementations of the torch_bn operators: argument checks, layout and allocation here;
 // the loops in kernels_impl.h.
+#include "../activation.h"
 #include "../checks.h"
 #include "../layout.h"
 #include "../running_stats.h"
@@ -48,26 +49,101 @@ at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dtype) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
+// The residual, in the kernel layout of the input `x` (copied only when its strides differ).
+at::Tensor kernel_residual(const at::Tensor& input, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
+  if (!residual.has_value() || !residual->defined()) {
+    return {};
+  }
+  TORCH_CHECK(
+      residual->sizes() == input.sizes(),
+      "torch_bn: residual of shape ", residual->sizes(), " does not match input of shape ", input.sizes());
+  TORCH_CHECK(
+      residual->scalar_type() == input.scalar_type() && residual->device() == input.device(),
+      "torch_bn: residual must have the input's dtype and device, got ", residual->scalar_type(), " on ",
+      residual->device());
+  return with_layout_of(*residual, x);
+}
+
+at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
+  const int64_t bytes = activation.has_mask() ? mask_bytes(x.numel()) : 0;
+  return at::zeros({bytes}, x.options().dtype(at::kByte));
+}
+
+Epilogue epilogue_of(const at::Tensor& residual, const at::Tensor& mask, const ActivationSpec& activation) {
+  return {residual.defined() ? residual.const_data_ptr() : nullptr,
+          activation.has_mask() ? mask.mutable_data_ptr<uint8_t>() : nullptr, activation.slope()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
-    double eps) {
+    const std::optional<at::Tensor>& residual,
+    double eps,
+    c10::string_view activation_name,
+    double negative_slope) {
   check_input(input);
   check_per_channel(input, weight, "weight");
   check_per_channel(input, bias, "bias");
   check_eps(eps, /*training=*/true);
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const auto [x, shape] = kernel_input(input);
+  const at::Tensor r = kernel_residual(input, x, residual);
   at::Tensor output = at::empty_like(x);
+  at::Tensor mask = new_mask(x, activation);
   // An empty batch has no statistics; report those of an all-zero channel.
   std::vector<double> mean(shape.channels, 0.0), invstd(shape.channels, 1.0 / std::sqrt(eps));
   if (x.numel() > 0) {
     const auto w = channel_values(weight);
     const auto b = channel_values(bias);
     TORCH_BN_CPU_DISPATCH(forward_train, x, output, shape, data_or_null(w), data_or_null(b), eps,
-                          mean.data(), invstd.data());
+                          epilogue_of(r, mask, activation), mean.data(), invstd.data());
   }
-  return {output, to_tensor(mean, stats_type(input)), to_tensor(invstd, stats_type(input))};
+  return {output, to_tensor(mean, stats_type(input)), to_tensor(invstd, stats_type(input)), mask};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps) {
+  auto [output, mean, invstd, mask] = forward_train_act(input, weight, bias, std::nullopt, eps, "identity", 0.0);
+  return {output, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_eval_act(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const std::optional<at::Tensor>& residual,
+    double eps,
+    c10::string_view activation_name,
+    double negative_slope) {
+  check_input(input);
+  check_per_channel(input, weight, "weight");
+  check_per_channel(input, bias, "bias");
+  check_per_channel(input, running_mean, "running_mean");
+  check_per_channel(input, running_var, "running_var");
+  check_eps(eps, /*training=*/false);
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
+  const auto [x, shape] = kernel_input(input);
+  const at::Tensor r = kernel_residual(input, x, residual);
+  at::Tensor output = at::empty_like(x);
+  at::Tensor mask = new_mask(x, activation);
+  if (x.numel() > 0) {
+    const auto mean = channel_values(running_mean);
+    const auto var = channel_values(running_var);
+    const auto w = channel_values(weight);
+    std::vector<double> scale(shape.channels);
+    for (const auto c : c10::irange(shape.channels)) {
+      scale[c] = (w.empty() ? 1.0 : w[c]) / std::sqrt(var[c] + eps);
+    }
+    TORCH_BN_CPU_DISPATCH(normalize, x, output, shape, mean.data(), scale.data(),
+                          data_or_null(channel_values(bias)), epilogue_of(r, mask, activation));
+  }
+  return {output, mask};
 }
 
 at::Tensor forward_eval(
@@ -77,35 +153,21 @@ at::Tensor forward_eval(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
     double eps) {
-  check_input(input);
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, bias, "bias");
-  check_per_channel(input, running_mean, "running_mean");
-  check_per_channel(input, running_var, "running_var");
-  check_eps(eps, /*training=*/false);
-  const auto [x, shape] = kernel_input(input);
-  at::Tensor output = at::empty_like(x);
-  if (x.numel() > 0) {
-    const auto mean = channel_values(running_mean);
-    const auto var = channel_values(running_var);
-    const auto w = channel_values(weight);
-    std::vector<double> scale(shape.channels);
-    for (const auto c : c10::irange(shape.channels)) {
-      scale[c] = (w.empty() ? 1.0 : w[c]) / std::sqrt(var[c] + eps);
-    }
-    TORCH_BN_CPU_DISPATCH(normalize, x, output, shape, mean.data(), scale.data(), data_or_null(channel_values(bias)));
-  }
-  return output;
+  return std::get<0>(
+      forward_eval_act(input, weight, bias, running_mean, running_var, std::nullopt, eps, "identity", 0.0));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& mean,
     const at::Tensor& invstd,
+    const at::Tensor& mask,
     bool training,
-    std::array<bool, 3> output_mask) {
+    c10::string_view activation_name,
+    double negative_slope,
+    std::array<bool, 4> output_mask) {
   check_input(input);
   TORCH_CHECK(
       grad_output.sizes() == input.sizes(),
@@ -116,24 +178,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   check_per_channel(input, weight, "weight");
   check_per_channel(input, mean, "mean");
   check_per_channel(input, invstd, "invstd");
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
+  if (activation.has_mask()) {
+    TORCH_CHECK(
+        mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == mask_bytes(input.numel()) &&
+            mask.is_contiguous() && mask.device() == input.device(),
+        "torch_bn: mask must be the uint8 tensor of ", mask_bytes(input.numel()),
+        " bytes that the forward returned, got ", mask.scalar_type(), " of shape ", mask.sizes());
+  }
   const auto [x, shape] = kernel_input(input);
   const at::Tensor dy = with_layout_of(grad_output, x);
   at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::Tensor();
+  at::Tensor grad_residual = output_mask[3] ? at::empty_like(x) : at::Tensor();
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
   std::vector<double> sum_dy(shape.channels, 0.0), sum_dy_xmu(shape.channels, 0.0);
   const auto mean_values = channel_values(mean);
   const auto invstd_values = channel_values(invstd);
-  if (x.numel() > 0 && (need_sums || output_mask[0])) {
+  if (x.numel() > 0 && (need_sums || output_mask[0] || output_mask[3])) {
     const auto w = channel_values(weight);
+    const GradPrologue prologue{activation.has_mask() ? mask.const_data_ptr<uint8_t>() : nullptr, activation.slope(),
+                                grad_residual.defined() ? grad_residual.mutable_data_ptr() : nullptr};
     TORCH_BN_CPU_DISPATCH(backward, dy, x, grad_input, shape, mean_values.data(), invstd_values.data(),
-                          data_or_null(w), training, need_sums ? sum_dy.data() : nullptr,
+                          data_or_null(w), training, prologue, need_sums ? sum_dy.data() : nullptr,
                           need_sums ? sum_dy_xmu.data() : nullptr);
   }
   const auto param_type = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
   at::Tensor grad_weight = at::empty({0}, input.options().dtype(param_type));
   at::Tensor grad_bias = at::empty({0}, input.options().dtype(param_type));
   if (output_mask[1]) {
-    // dweight = Σ dy·xhat = invstd · Σ dy·(x - mean)
+    // dweight = Σ dz·xhat = invstd · Σ dz·(x - mean)
     std::vector<double> dw(shape.channels);
     for (const auto c : c10::irange(shape.channels)) {
       dw[c] = invstd_values[c] * sum_dy_xmu[c];
@@ -143,7 +216,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (output_mask[2]) {
     grad_bias = to_tensor(sum_dy, param_type);
   }
-  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()), grad_weight, grad_bias};
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  return {grad_input.defined() ? grad_input : empty(), grad_weight, grad_bias,
+          grad_residual.defined() ? grad_residual : empty()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool training,
+    std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      backward_act(grad_output, input, weight, mean, invstd, at::Tensor(), training, "identity", 0.0,
+                   {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 } // namespace
@@ -152,6 +241,9 @@ TORCH_LIBRARY_IMPL(torch_bn, CPU, m) {
   m.impl("forward_train", &forward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("backward", &backward);
+  m.impl("forward_train_act", &forward_train_act);
+  m.impl("forward_eval_act", &forward_eval_act);
+  m.impl("backward_act", &backward_act);
   m.impl("update_running_stats", &update_running_stats);
 }
 
