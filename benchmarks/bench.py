@@ -1,8 +1,8 @@
 """Benchmarks torch_bn against torch.nn.BatchNorm2d, eager and torch.compile'd, on the BatchNorm
-input shapes of ResNet-50, plus an end-to-end training step. From the repository root:
+input shapes of ResNet-50, plus an end-to-end training step:
 
-    python -m benchmarks.bench          # every shape, float32 and bfloat16, NCHW and channels_last
-    python -m benchmarks.bench --quick  # one shape, float32, in under a minute
+    python benchmarks/bench.py          # every shape, float32 and bfloat16, NCHW and channels_last
+    python benchmarks/bench.py --quick  # one shape, float32, in under a minute
 
 Runs on the CPU, and on CUDA too when present (``--device``). Prints a table, a summary and the
 targets' PASS/FAIL checklist, and writes bench.json, bench.csv and bench.png into ``--out``.
@@ -23,21 +23,45 @@ from typing import List, Tuple
 import torch
 from tqdm import tqdm
 
+if __name__ == "__main__" and not __package__:
+    # Run as a script: import this folder as the package "benchmarks", with the repository root
+    # after site-packages so that the installed torch_bn (with its compiled _C) is the one found.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
 from . import machine, report, targets, train_step
 from .cases import DTYPES, IMPLS, LAYOUTS, MODES, Case, implementation, mode_functions, reference_batch_norm
 from .metrics import COPY, case_rows, summarize
-from .shapes import parse_shape, resnet50_shapes, shape_label
+from .shapes import parse_chw, resnet50_shapes, shape_label
 from .timing import interleaved_times, synchronize
 
-FULL = {"shapes": None, "dtypes": list(DTYPES), "layouts": list(LAYOUTS), "repeats": 5, "block_time": 0.05, "train_steps": 8}
-QUICK = {"shapes": ["64x56x56"], "dtypes": ["float32"], "layouts": list(LAYOUTS), "repeats": 3, "block_time": 0.02, "train_steps": 2}
+RESULTS = Path(__file__).resolve().parent / "results"
+FULL = {
+    "shapes": None,
+    "dtypes": list(DTYPES),
+    "layouts": list(LAYOUTS),
+    "repeats": 5,
+    "block_time": 0.05,
+    "train_steps": 8,
+    "out": str(RESULTS / "{device}"),
+}
+# Its own folder, so that a quick look does not overwrite a full run's results.
+QUICK = {
+    "shapes": [(64, 56, 56)],
+    "dtypes": ["float32"],
+    "layouts": list(LAYOUTS),
+    "repeats": 3,
+    "block_time": 0.02,
+    "train_steps": 2,
+    "out": str(RESULTS / "{device}-quick"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"a short run; presets {QUICK}")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--shapes", nargs="+", metavar="CxHxW", help="default: ResNet-50's 12 BatchNorm shapes")
+    parser.add_argument("--shapes", nargs="+", type=parse_chw, metavar="CxHxW", help="default: ResNet-50's 12 BatchNorm shapes")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -48,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-steps", type=int, help="timed steps of the end-to-end benchmark; 0 skips it")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default="benchmarks/results/{device}", help="results folder; {device} is replaced (default: %(default)s)")
+    parser.add_argument("--out", help=f"results folder, {{device}} replaced; default {FULL['out']} ({QUICK['out']} with --quick)")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -60,13 +84,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cases_of(args: argparse.Namespace) -> List[Case]:
     layers = dict(resnet50_shapes(args.batch))
-    shapes = list(layers) if args.shapes is None else [parse_shape(text, args.batch) for text in args.shapes]
+    shapes = list(layers) if args.shapes is None else [(args.batch, *chw) for chw in args.shapes]
     return [Case(shape, layers.get(shape, 0), dtype, layout) for shape in shapes for dtype in args.dtypes for layout in args.layouts]
 
 
 def measure_case(case: Case, device: str, args: argparse.Namespace) -> Tuple[List[dict], float]:
     """The case's rows, and the seconds torch.compile took to compile and warm up."""
-    # A fresh graph cache per case: dynamo falls back to eager past its recompile limit.
+    # A fresh graph cache per case: past its recompile limit dynamo would fall back to eager.
     torch._dynamo.reset()
     x, dy = case.random_tensor(device), case.random_tensor(device)
     reference = reference_batch_norm(case, device)

@@ -6,6 +6,7 @@ stride-2 stem conv (112x112), a stride-2 max pool (56x56), then four stages of b
 1x1 projection shortcut), each stage after the first halving the resolution.
 """
 
+import argparse
 from collections import Counter
 from typing import List, Tuple
 
@@ -40,10 +41,12 @@ def resnet50_shapes(batch: int) -> List[Tuple[Shape, int]]:
     return list(layers.items())
 
 
-def parse_shape(text: str, batch: int) -> Shape:
-    """``"64x56x56"`` (channels x height x width) -> ``(batch, 64, 56, 56)``."""
-    channels, height, width = (int(part) for part in text.lower().split("x"))
-    return (batch, channels, height, width)
+def parse_chw(text: str) -> Tuple[int, int, int]:
+    """``"64x56x56"`` (channels x height x width) -> ``(64, 56, 56)``; an argparse type."""
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected CxHxW with positive integers, e.g. 64x56x56, got {text!r}")
+    return tuple(int(part) for part in parts)
 
 
 def shape_label(shape: Shape) -> str:

@@ -1,7 +1,7 @@
 """End-to-end benchmark: one training step (forward, backward, SGD) of a small ResNet with
 torch.nn's BatchNorm and with torch_bn's, on identical weights and data.
 
-    python -m benchmarks.train_step [--batch 32] [--steps 8] [--device cpu]
+    python benchmarks/train_step.py [--batch 32] [--steps 8] [--device cpu]
 
 The torch_bn model is a deep copy of the torch.nn one passed through ``torch_bn.convert``. Both
 take the same batches; their steps alternate, and which one goes first alternates too, so drift
@@ -13,12 +13,19 @@ import argparse
 import copy
 import statistics
 import sys
+from pathlib import Path
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 
 import torch_bn
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: import this folder as the package "benchmarks", with the repository root
+    # after site-packages so that the installed torch_bn (with its compiled _C) is the one found.
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
 
 from .resnet import ResNet
 from .timing import timed_call

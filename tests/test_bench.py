@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # benchmarks/ is a package of the checkout, not of the install
+# benchmarks/ is a package of the checkout, not of the install; the root goes last on sys.path so
+# that `import torch_bn` still finds the installed package (the source folder has no _C).
+sys.path.append(str(ROOT))
 
 from benchmarks import metrics, targets, train_step  # noqa: E402
 from benchmarks.cases import IMPLS, MODES, Case  # noqa: E402
@@ -81,7 +83,7 @@ def test_checklist_passes_fails_and_marks_what_was_not_measured():
 
 
 def test_bench_script_writes_a_complete_result(tmp_path):
-    command = [sys.executable, "-m", "benchmarks.bench", "--device", "cpu", "--batch", "4", "--shapes", "16x8x8"]
+    command = [sys.executable, "benchmarks/bench.py", "--device", "cpu", "--batch", "4", "--shapes", "16x8x8"]
     command += ["--dtypes", "float32", "--layouts", "channels_last", "--repeats", "1", "--block-time", "0.001"]
     command += ["--warmup", "1", "--train-steps", "1", "--out", str(tmp_path / "{device}")]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
