@@ -18,6 +18,11 @@ SAMPLES = [
 ]
 SAMPLE_IDS = [f"{tuple(s)}-{d}-{'cl' if cl else 'contig'}" for s, d, cl in SAMPLES]
 
+# torch warns that backpropagating through an op without an autograd kernel "may lead to silently
+# incorrect behavior" and that this fallback will be removed: every op must say how (or that it
+# cannot be) differentiated.
+pytestmark = pytest.mark.filterwarnings("error:.*an autograd kernel was not registered")
+
 
 def sample_input(shape, dtype, channels_last, device, requires_grad):
     x = torch.randn(shape, device=device) * 2 + 1
@@ -59,29 +64,35 @@ def test_forward_eval(shape, dtype, channels_last, requires_grad, affine, device
     opcheck(torch.ops.torch_bn.forward_eval.default, (x, weight, bias, running_mean, running_var, 1e-5))
 
 
-@pytest.mark.parametrize("output_mask", [[True, True, True], [True, False, False], [False, True, True], [False, False, True]], ids=str)
+@pytest.mark.parametrize(
+    "output_mask, requires_grad",
+    [([True, True, True], False), ([True, False, False], False), ([False, True, True], False), ([False, False, True], False), ([True, True, True], True)],
+    ids=str,
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape, dtype, channels_last", SAMPLES, ids=SAMPLE_IDS)
-def test_backward(shape, dtype, channels_last, training, output_mask, device):
+def test_backward(shape, dtype, channels_last, training, output_mask, requires_grad, device):
     channels = shape[1]
-    x = sample_input(shape, dtype, channels_last, device, False)
-    grad_output = sample_input(shape, dtype, channels_last, device, False)
-    weight = per_channel(channels, dtype, device)
+    x = sample_input(shape, dtype, channels_last, device, requires_grad)
+    grad_output = sample_input(shape, dtype, channels_last, device, requires_grad)
+    weight = per_channel(channels, dtype, device, requires_grad)
     mean = per_channel(channels, dtype, device, low=-1.0, high=1.0)
     invstd = per_channel(channels, dtype, device)
     opcheck(torch.ops.torch_bn.backward.default, (grad_output, x, weight, mean, invstd, training, output_mask))
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
 @pytest.mark.parametrize("unbiased", [True, False], ids=["unbiased", "biased"])
 @pytest.mark.parametrize("count", [0, 40], ids=["empty", "count40"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_update_running_stats(dtype, count, unbiased, momentum, device):
+def test_update_running_stats(dtype, count, unbiased, momentum, requires_grad, device):
     running_mean = per_channel(3, dtype, device, low=-1.0, high=1.0)
     running_var = per_channel(3, dtype, device)
     num_batches_tracked = torch.tensor(3, device=device)
-    mean = per_channel(3, dtype, device, low=-1.0, high=1.0)
-    invstd = per_channel(3, dtype, device)
+    # Batch statistics that require grad, as they come out of a differentiable forward.
+    mean = per_channel(3, dtype, device, requires_grad, low=-1.0, high=1.0)
+    invstd = per_channel(3, dtype, device, requires_grad)
     opcheck(
         torch.ops.torch_bn.update_running_stats.default,
         (running_mean, running_var, num_batches_tracked, mean, invstd, momentum, 1e-5, count, unbiased),
