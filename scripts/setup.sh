@@ -4,7 +4,7 @@
 #   bash scripts/setup.sh
 #
 # The environment is .venv in the repository root, or TORCH_BN_VENV if set; it is created when
-# missing and updated otherwise. Needs only Python 3.9+ with pip and venv, and a C++ compiler.
+# missing and updated otherwise. Needs only Python 3.10+ with pip and venv, and a C++ compiler.
 # test.sh and bench.sh source this file and then use $repo, $venv and venv_pip.
 set -euo pipefail
 
