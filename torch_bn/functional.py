@@ -1,7 +1,7 @@
 """The functional form of torch_bn: ``batch_norm`` (torch.nn.functional.batch_norm's signature)
 and ``BatchNormFunction``, the autograd Function over the torch_bn operators."""
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -74,6 +74,13 @@ def _differentiable_backward(grad_output, input, weight, mean, invstd, training,
     )
 
 
+# BatchNormFunction.apply's signature: (input, weight, bias, running_mean, running_var, training,
+# eps) -> (output, mean, invstd). ``normalize`` takes any such function.
+BatchNormCall = Callable[
+    [Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], bool, float], Tuple[Tensor, Tensor, Tensor]
+]
+
+
 def verify_batch_size(size: torch.Size) -> None:
     """torch's check (and message) that training sees more than one value per channel."""
     values = size[0]
@@ -94,12 +101,14 @@ def normalize(
     eps: float,
     num_batches_tracked: Optional[Tensor] = None,
     unbiased_running_var: bool = True,
+    function: BatchNormCall = BatchNormFunction.apply,
 ) -> Tensor:
     """Batch norm plus the running-statistics update, as the modules need it.
 
     ``momentum=None`` is the cumulative average over ``num_batches_tracked``, which is
     incremented (after every check has passed) when given. ``unbiased_running_var=False``
-    stores the biased batch variance, as Keras and Flax do.
+    stores the biased batch variance, as Keras and Flax do. ``function`` computes the output
+    and the statistics the update reads (the fused activation layers pass their own).
     """
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("torch_bn: running_mean and running_var are required when training=False")
@@ -108,7 +117,7 @@ def normalize(
         # runs, so that a bad buffer is reported as such and nothing is computed or changed.
         ops.check_per_channel(input, running_mean, "running_mean")
         ops.check_per_channel(input, running_var, "running_var")
-    output, mean, invstd = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+    output, mean, invstd = function(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and running_var is not None:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
         if momentum is None and num_batches_tracked is None:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .conventions import KerasFlaxConstructors
-from .functional import normalize, verify_batch_size
+from .functional import BatchNormCall, BatchNormFunction, normalize, verify_batch_size
 
 
 class _TorchBNForward(KerasFlaxConstructors):
@@ -41,6 +41,11 @@ class _TorchBNForward(KerasFlaxConstructors):
         return self.training and not self.frozen
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor, function: BatchNormCall = BatchNormFunction.apply) -> Tensor:
+        """The module's batch norm (statistics and their update as its flags say), computed by
+        ``function`` (see ``functional.normalize``)."""
         self._check_input_dim(input)
         training_mode = self._training_mode
         batch_stats = training_mode or (self.running_mean is None and self.running_var is None)
@@ -60,6 +65,7 @@ class _TorchBNForward(KerasFlaxConstructors):
             self.eps,
             num_batches_tracked=self.num_batches_tracked if tracking else None,
             unbiased_running_var=not self.running_var_biased,
+            function=function,
         )
 
     def extra_repr(self) -> str:
