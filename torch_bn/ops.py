@@ -81,17 +81,20 @@ def _check_input(input: Tensor) -> None:
 
 
 def check_per_channel(input: Tensor, t: Optional[Tensor], name: str) -> None:
-    """The C++ ops' check of a per-channel tensor, for fake kernels and for Python callers."""
-    if t is not None:
-        torch._check(
-            t.dim() == 1 and t.shape[0] == input.shape[1],
-            lambda: f"torch_bn: {name} should contain {input.shape[1]} elements (one per channel), got shape {list(t.shape)}",
+    """The C++ ops' check of a per-channel tensor, for fake kernels and for Python callers.
+
+    Plain raises rather than torch._check with a message closure, which Dynamo cannot trace.
+    """
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != input.shape[1]:
+        raise RuntimeError(
+            f"torch_bn: {name} should contain {input.shape[1]} elements (one per channel), got shape {list(t.shape)}"
         )
-        # A tensor on another device can route the call to the fake kernel (meta) or to the
-        # wrong backend, so the fake kernels check devices too.
-        torch._check(
-            t.device == input.device, lambda: f"torch_bn: {name} is on {t.device} but expected {input.device}"
-        )
+    # A tensor on another device can route the call to the fake kernel (meta) or to the wrong
+    # backend, so the fake kernels check devices too.
+    if t.device != input.device:
+        raise RuntimeError(f"torch_bn: {name} is on {t.device} but expected {input.device}")
 
 
 @torch.library.register_fake("torch_bn::forward_train")
@@ -167,3 +170,152 @@ def _forward_eval_backward(ctx, grad_output):
 # modules and pass torch.library.opcheck's autograd checks.
 torch.library.register_autograd("torch_bn::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
 torch.library.register_autograd("torch_bn::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
+
+
+# BatchNorm with a fused activation epilogue: z = BN(x) (+ residual), output = act(z); the sign
+# of z is kept as a bit mask (1 bit per element) for the backward pass instead of the output.
+ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def forward_train_act(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (output, batch mean, batch invstd, mask of z > 0)."""
+    return torch.ops.torch_bn.forward_train_act.default(input, weight, bias, residual, eps, activation, negative_slope)
+
+
+def forward_eval_act(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    residual: Optional[Tensor],
+    eps: float,
+    activation: str,
+    negative_slope: float,
+) -> Tuple[Tensor, Tensor]:
+    """Returns (output, mask of z > 0)."""
+    return torch.ops.torch_bn.forward_eval_act.default(
+        input, weight, bias, running_mean, running_var, residual, eps, activation, negative_slope
+    )
+
+
+def backward_act(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    mask: Tensor,
+    training: bool,
+    activation: str,
+    negative_slope: float,
+    output_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_input, grad_weight, grad_bias, grad_residual); an output not asked for is empty."""
+    return torch.ops.torch_bn.backward_act.default(
+        grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, output_mask
+    )
+
+
+def eval_statistics(input: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(mean, invstd) that the backward ops take in evaluation: a copy of the running mean (so a
+    later in-place update of the buffer cannot change a saved tensor) and 1/sqrt(running_var + eps)."""
+    dtype = stats_dtype(input)
+    return running_mean.to(dtype, copy=True), torch.rsqrt(running_var.to(dtype) + eps)
+
+
+def _check_act_inputs(input: Tensor, residual: Optional[Tensor], activation: str) -> None:
+    torch._check(
+        activation in ACTIVATIONS,
+        lambda: f"torch_bn: activation must be 'identity', 'relu' or 'leaky_relu', got '{activation}'",
+    )
+    if residual is not None:
+        torch._check(
+            residual.shape == input.shape and residual.dtype == input.dtype and residual.device == input.device,
+            lambda: f"torch_bn: residual should match the input ({list(input.shape)}, {input.dtype}, {input.device}), "
+            f"got {list(residual.shape)}, {residual.dtype}, {residual.device}",
+        )
+
+
+def _mask_empty(input: Tensor, activation: str) -> Tensor:
+    bits = 0 if activation == "identity" else input.numel()
+    return input.new_empty(((bits + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("torch_bn::forward_train_act")
+def _forward_train_act_fake(input, weight, bias, residual, eps, activation, negative_slope):
+    _check_act_inputs(input, residual, activation)
+    output, mean, invstd = _forward_train_fake(input, weight, bias, eps)
+    return output, mean, invstd, _mask_empty(input, activation)
+
+
+@torch.library.register_fake("torch_bn::forward_eval_act")
+def _forward_eval_act_fake(input, weight, bias, running_mean, running_var, residual, eps, activation, negative_slope):
+    _check_act_inputs(input, residual, activation)
+    output = _forward_eval_fake(input, weight, bias, running_mean, running_var, eps)
+    return output, _mask_empty(input, activation)
+
+
+@torch.library.register_fake("torch_bn::backward_act")
+def _backward_act_fake(grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, output_mask):
+    _check_act_inputs(input, None, activation)
+    grads = _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask[:3])
+    grad_residual = _kernel_layout_empty(input) if output_mask[3] else input.new_empty((0,))
+    return (*grads, grad_residual)
+
+
+def act_gradients(grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, needs_grad):
+    """(grad_input, grad_weight, grad_bias, grad_residual) through backward_act, None where not
+    needed; ``needs_grad`` is for (input, weight, bias, residual)."""
+    output_mask = [bool(needs_grad[0]), bool(needs_grad[1]) and weight is not None, bool(needs_grad[2]), bool(needs_grad[3])]
+    if not any(output_mask):
+        return None, None, None, None
+    grads = backward_act(grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, output_mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
+
+
+def _forward_train_act_setup(ctx, inputs, output):
+    input, weight, _bias, _residual, _eps, activation, negative_slope = inputs
+    _y, mean, invstd, mask = output
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.save_for_backward(input, weight, mean, invstd, mask)
+
+
+def _forward_train_act_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_mask):
+    input, weight, mean, invstd, mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias, grad_residual = act_gradients(
+        grad_output, input, weight, mean, invstd, mask, True, ctx.activation, ctx.negative_slope, needs[:4]
+    )
+    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
+
+
+def _forward_eval_act_setup(ctx, inputs, output):
+    input, weight, _bias, running_mean, running_var, _residual, eps, activation, negative_slope = inputs
+    _y, mask = output
+    mean, invstd = eval_statistics(input, running_mean, running_var, eps)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
+    ctx.save_for_backward(input, weight, mean, invstd, mask)
+
+
+def _forward_eval_act_backward(ctx, grad_output, _grad_mask):
+    input, weight, mean, invstd, mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias, grad_residual = act_gradients(
+        grad_output, input, weight, mean, invstd, mask, False, ctx.activation, ctx.negative_slope, (*needs[:3], needs[5])
+    )
+    return grad_input, grad_weight, grad_bias, None, None, grad_residual, None, None, None
+
+
+torch.library.register_autograd(
+    "torch_bn::forward_train_act", _forward_train_act_backward, setup_context=_forward_train_act_setup
+)
+torch.library.register_autograd("torch_bn::forward_eval_act", _forward_eval_act_backward, setup_context=_forward_eval_act_setup)
