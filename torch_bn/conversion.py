@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import fusion
+from .activation import _BatchNormActForward
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _TorchBNForward
 from .sync import SyncBatchNorm
 
@@ -29,22 +31,33 @@ TORCH_BN_TO_TORCH = {torch_bn_class: torch_class for torch_class, torch_bn_class
 _TORCH_BN_OPTIONS = ("running_var_biased", "frozen")
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, fuse_activations: bool = False) -> torch.nn.Module:
     """Turns every torch.nn BatchNorm1d/2d/3d and SyncBatchNorm in ``module`` (the root included)
-    into its torch_bn counterpart, in place, and returns ``module``."""
-    return _retype_all(module, TORCH_TO_TORCH_BN.get)
+    into its torch_bn counterpart, in place, and returns ``module``.
+
+    ``fuse_activations=True`` then also fuses BatchNorm -> ReLU and BatchNorm -> add -> ReLU
+    (LeakyReLU too) into ``BatchNormAct`` layers with torch.fx, and returns the fused module,
+    which may be a new ``torch.fx.GraphModule`` sharing ``module``'s parameters and buffers
+    (see ``torch_bn.fusion.fuse_activations``): use the returned module.
+    """
+    _retype_all(module, TORCH_TO_TORCH_BN.get)
+    return fusion.fuse_activations(module) if fuse_activations else module
 
 
 def revert(module: torch.nn.Module) -> torch.nn.Module:
     """Turns every torch_bn layer in ``module`` back into its torch.nn class, in place, and returns
-    ``module``. Raises ValueError, changing nothing, if a layer is frozen or has
-    ``running_var_biased=True``: torch.nn cannot express those."""
+    ``module``. Raises ValueError, changing nothing, if a layer is frozen, has
+    ``running_var_biased=True`` or a fused activation: torch.nn cannot express those."""
     unrepresentable = [
         f"{name or 'the root'} ({option}=True)"
         for name, layer in module.named_modules()
         if isinstance(layer, _TorchBNForward)
         for option in _TORCH_BN_OPTIONS
         if getattr(layer, option)
+    ] + [
+        f"{name or 'the root'} (activation={layer.activation!r})"
+        for name, layer in module.named_modules()
+        if isinstance(layer, _BatchNormActForward)
     ]
     if unrepresentable:
         raise ValueError(
