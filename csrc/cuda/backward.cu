@@ -1,6 +1,7 @@
-// Backward: per-channel Σdy and Σdy·(x - mean) in one read of dy and x, merged per channel into
-// grad_weight, grad_bias and the coefficients of the training-mode input gradient, which a
-// second read of dy and x then applies.
+// Backward: per-channel Σdz and Σdz·(x - mean) in one read of dy and x (dz: dy gated by a fused
+// activation's mask), merged per channel into grad_weight, grad_bias and the coefficients of the
+// training-mode input gradient, which a second read of dy and x then applies.
+#include "activation.cuh"
 #include "grid.cuh"
 #include "kernels.cuh"
 #include "partials.cuh"
@@ -19,7 +20,7 @@ enum SumField { kSumDy, kSumDot, kSumFields };
 template <typename scalar_t, typename Grid>
 __global__ void __launch_bounds__(kThreads) grad_sums_kernel(
     const Grid g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const ChannelValues mean,
-    const Partials out) {
+    const DeviceGate<scalar_t> gate, scalar_t* __restrict__ grad_residual, const Partials out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Grid::kVec;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -35,6 +36,10 @@ __global__ void __launch_bounds__(kThreads) grad_sums_kernel(
     g.for_each_vector([&](int64_t i) {
       acc_t grad[V], centered[V];
       load_vector<V>(dy, i, grad);
+      apply_gate<V>(grad, gate, i);
+      if (grad_residual != nullptr) {
+        store_vector<V>(grad_residual, i, grad);
+      }
       load_vector<V>(x, i, centered);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -94,7 +99,7 @@ __global__ void merge_grad_kernel(
 template <typename scalar_t, typename Grid>
 __global__ void __launch_bounds__(kThreads) grad_input_kernel(
     const Grid g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-    const GradTable<at::opmath_type<scalar_t>> table) {
+    const GradTable<at::opmath_type<scalar_t>> table, const DeviceGate<scalar_t> gate) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Grid::kVec;
   if (!g.active()) {
@@ -113,6 +118,7 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(
   g.for_each_vector([&](int64_t i) {
     acc_t grad[V], values[V];
     load_vector<V>(dy, i, grad);
+    apply_gate<V>(grad, gate, i);
     load_vector<V>(x, i, values);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -130,25 +136,28 @@ ChannelOutput channel_output(const at::Tensor& t) {
 
 void reduce_grad(
     const at::Tensor& dy, const at::Tensor& x, const Shape& shape, const ChannelInput& mean,
-    const ChannelInput& invstd, const ChannelInput& weight, const at::Tensor& grad_input,
-    const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
+    const ChannelInput& invstd, const ChannelInput& weight, const GradPrologue& prologue,
+    const at::Tensor& grad_input, const at::Tensor& grad_weight, const at::Tensor& grad_bias) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    auto* grad_residual = static_cast<scalar_t*>(prologue.grad_residual);
+    const DeviceGate<scalar_t> gate(prologue);
     at::Tensor table;
     GradTable<acc_t> table_view{};
     if (grad_input.defined()) {
       table = at::empty({5, shape.channels}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
       table_view = grad_table<acc_t>(table);
     }
-    with_grid<scalar_t>(shape, {dy_data, x_data}, [&](const auto& g) {
+    with_grid<scalar_t>(shape, {dy_data, x_data, grad_residual}, [&](const auto& g) {
       using Grid = std::decay_t<decltype(g)>;
       const at::Tensor storage = empty_partials(x, kSumFields, g.splits(), shape.channels);
       const Partials partials = partials_view(storage);
       const size_t smem = Grid::template shared_bytes<GradSumLanes<acc_t, Grid::kVec>>(g.block);
-      grad_sums_kernel<scalar_t, Grid><<<g.grid, g.block, smem, stream>>>(g, dy_data, x_data, mean.view, partials);
+      grad_sums_kernel<scalar_t, Grid><<<g.grid, g.block, smem, stream>>>(
+          g, dy_data, x_data, mean.view, gate, grad_residual, partials);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       merge_grad_kernel<acc_t><<<merge_grid(shape.channels), merge_block(), 0, stream>>>(
           partials, static_cast<double>(shape.count()), mean.view, invstd.view, weight.view,
@@ -161,7 +170,7 @@ void reduce_grad(
     scalar_t* dx_data = grad_input.mutable_data_ptr<scalar_t>();
     with_grid<scalar_t>(shape, {dy_data, x_data, dx_data}, [&](const auto& g) {
       using Grid = std::decay_t<decltype(g)>;
-      grad_input_kernel<scalar_t, Grid><<<g.grid, g.block, 0, stream>>>(g, dy_data, x_data, dx_data, table_view);
+      grad_input_kernel<scalar_t, Grid><<<g.grid, g.block, 0, stream>>>(g, dy_data, x_data, dx_data, table_view, gate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -129,6 +129,8 @@ struct PlanarGrid {
     const int64_t v1 = std::min(plane_vecs, v0 + vecs_per_split);
     for (int64_t b = b0 + threadIdx.y; b < b1; b += blockDim.y) {
       const int64_t plane = (b * channels + blockIdx.x) * plane_vecs;
+      // Unrolled so that several independent loads are in flight per thread.
+#pragma unroll 4
       for (int64_t v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
         f(plane + v);
       }
@@ -194,6 +196,7 @@ struct RowsGrid {
     const int64_t cv = channel_vec();
     const int64_t r0 = blockIdx.y * rows_per_split;
     const int64_t r1 = std::min(rows, r0 + rows_per_split);
+#pragma unroll 4
     for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
       f(r * row_vecs + cv);
     }
@@ -212,14 +215,14 @@ struct RowsGrid {
   }
 };
 
-// Calls f(grid) with the grid of `shape`, reading 16-byte vectors when the vectors stay inside a
-// plane (planar) or a row (rows) and every pointer is 16-byte aligned; else one value at a time.
-template <typename scalar_t, typename F>
+// Calls f(grid) with the grid of `shape`, loading kVec values at a time (16 bytes by default)
+// when such vectors stay inside a plane (planar) or a row (rows) and every pointer is aligned to
+// them; else one value at a time.
+template <typename scalar_t, int kVec = 16 / sizeof(scalar_t), typename F>
 void with_grid(const Shape& shape, std::initializer_list<const void*> pointers, const F& f) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
   bool vectorized = (shape.rows ? shape.channels : shape.inner) % kVec == 0;
   for (const void* p : pointers) {
-    vectorized = vectorized && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    vectorized = vectorized && reinterpret_cast<uintptr_t>(p) % (kVec * sizeof(scalar_t)) == 0;
   }
   if (shape.rows) {
     vectorized ? f(RowsGrid<kVec>(shape)) : f(RowsGrid<1>(shape));

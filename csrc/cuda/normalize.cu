@@ -1,5 +1,7 @@
 // The per-channel affine pass, out = ((in - hi) - lo) * scale + shift: the normalize step of both
-// forwards and the evaluation-mode input gradient (in = dy, hi = lo = shift = 0).
+// forwards (with the fused epilogue) and the evaluation-mode input gradient (in = dy gated by a
+// fused activation's mask, hi = lo = shift = 0).
+#include "activation.cuh"
 #include "grid.cuh"
 #include "kernels.cuh"
 
@@ -15,7 +17,8 @@ namespace {
 template <typename scalar_t, typename Grid>
 __global__ void __launch_bounds__(kThreads) affine_kernel(
     const Grid g, const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
-    const AffineTable<at::opmath_type<scalar_t>> table) {
+    const AffineTable<at::opmath_type<scalar_t>> table, const DeviceGate<scalar_t> gate,
+    const DeviceEpilogue<scalar_t> epilogue) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Grid::kVec;
   if (!g.active()) {
@@ -33,10 +36,12 @@ __global__ void __launch_bounds__(kThreads) affine_kernel(
   g.for_each_vector([&](int64_t i) {
     acc_t values[V];
     load_vector<V>(in, i, values);
+    apply_gate<V>(values, gate, i);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       values[k] = ((values[k] - hi[k]) - lo[k]) * scale[k] + shift[k];
     }
+    apply_epilogue<V>(values, epilogue, i);
     store_vector<V>(out, i, values);
   });
 }
@@ -77,17 +82,27 @@ at::Tensor affine_coefficients(
   return table;
 }
 
-void affine(const at::Tensor& in, const at::Tensor& out, const Shape& shape, const at::Tensor& table) {
+void affine(
+    const at::Tensor& in, const at::Tensor& out, const Shape& shape, const at::Tensor& table,
+    const GradPrologue& gate, const Epilogue& epilogue) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "torch_bn_affine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in_data = in.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    with_grid<scalar_t>(shape, {in_data, out_data}, [&](const auto& g) {
+    const auto launch = [&](const auto& g) {
       using Grid = std::decay_t<decltype(g)>;
-      affine_kernel<scalar_t, Grid><<<g.grid, g.block, 0, stream>>>(g, in_data, out_data, affine_table<acc_t>(table));
+      affine_kernel<scalar_t, Grid><<<g.grid, g.block, 0, stream>>>(
+          g, in_data, out_data, affine_table<acc_t>(table), DeviceGate<scalar_t>(gate), DeviceEpilogue<scalar_t>(epilogue));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    };
+    const std::initializer_list<const void*> pointers{in_data, out_data, epilogue.residual};
+    if (epilogue.mask != nullptr) {
+      // Vectors of 8 values own whole bytes of the sign mask: no atomics.
+      with_grid<scalar_t, 8>(shape, pointers, launch);
+    } else {
+      with_grid<scalar_t>(shape, pointers, launch);
+    }
   });
 }
 

@@ -1,9 +1,9 @@
 // CUDA implementations of the torch_bn operators: argument checks, device guard, layout and
 // allocation here, as in cpu/ops.cpp; the passes in statistics.cu, normalize.cu and backward.cu.
-#include "../checks.h"
-#include "../layout.h"
+// The plain operators are the identity, no-residual case of the fused ones.
 #include "../running_stats.h"
 #include "kernels.cuh"
+#include "op_checks.cuh"
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -23,27 +23,78 @@ at::TensorOptions stats_options(const at::Tensor& input) {
   return input.options().dtype(at::toOpMathType(input.scalar_type()));
 }
 
+// A zeroed sign mask of mask_bytes(numel) bytes whose storage is padded to whole 32-bit words,
+// which the kernels may OR into; empty when the activation records none.
+at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
+  const int64_t bytes = activation.has_mask() ? mask_bytes(x.numel()) : 0;
+  return at::zeros({(bytes + 3) / 4 * 4}, x.options().dtype(at::kByte)).narrow(0, 0, bytes);
+}
+
+Epilogue epilogue_of(const at::Tensor& residual, const at::Tensor& mask, const ActivationSpec& activation) {
+  return {residual.defined() ? residual.const_data_ptr() : nullptr,
+          activation.has_mask() ? mask.mutable_data_ptr<uint8_t>() : nullptr, activation.slope()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual,
+    double eps,
+    c10::string_view activation_name,
+    double negative_slope) {
+  check_forward_train_args(input, weight, bias, eps);
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  const auto [x, shape] = kernel_input(input);
+  const at::Tensor r = kernel_residual(input, x, residual);
+  at::Tensor output = at::empty_like(x);
+  at::Tensor mask = new_mask(x, activation);
+  if (x.numel() == 0) {
+    // An empty batch has no statistics; report those of an all-zero channel.
+    return {output, at::zeros({shape.channels}, stats_options(input)),
+            at::full({shape.channels}, 1.0 / std::sqrt(eps), stats_options(input)), mask};
+  }
+  at::Tensor mean = at::empty({shape.channels}, stats_options(input));
+  at::Tensor invstd = at::empty({shape.channels}, stats_options(input));
+  normalize_with_batch_statistics(
+      x, output, shape, ChannelInput(weight), ChannelInput(bias), eps, epilogue_of(r, mask, activation), mean, invstd);
+  return {output, mean, invstd, mask};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
     double eps) {
-  check_input(input);
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, bias, "bias");
-  check_eps(eps, /*training=*/true);
+  auto [output, mean, invstd, mask] = forward_train_act(input, weight, bias, std::nullopt, eps, "identity", 0.0);
+  return {output, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_eval_act(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean,
+    const at::Tensor& running_var,
+    const std::optional<at::Tensor>& residual,
+    double eps,
+    c10::string_view activation_name,
+    double negative_slope) {
+  check_forward_eval_args(input, weight, bias, running_mean, running_var, eps);
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   const auto [x, shape] = kernel_input(input);
+  const at::Tensor r = kernel_residual(input, x, residual);
   at::Tensor output = at::empty_like(x);
-  if (x.numel() == 0) {
-    // An empty batch has no statistics; report those of an all-zero channel.
-    return {output, at::zeros({shape.channels}, stats_options(input)),
-            at::full({shape.channels}, 1.0 / std::sqrt(eps), stats_options(input))};
+  at::Tensor mask = new_mask(x, activation);
+  if (x.numel() > 0) {
+    const at::Tensor table = affine_coefficients(
+        x.scalar_type(), x.options(), shape.channels, ChannelInput(running_mean), ChannelInput(weight),
+        ChannelInput(bias), ChannelInput(running_var), Spread::kVariance, eps);
+    affine(x, output, shape, table, GradPrologue{}, epilogue_of(r, mask, activation));
   }
-  at::Tensor mean = at::empty({shape.channels}, stats_options(input));
-  at::Tensor invstd = at::empty({shape.channels}, stats_options(input));
-  normalize_with_batch_statistics(x, output, shape, ChannelInput(weight), ChannelInput(bias), eps, mean, invstd);
-  return {output, mean, invstd};
+  return {output, mask};
 }
 
 at::Tensor forward_eval(
@@ -53,54 +104,38 @@ at::Tensor forward_eval(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
     double eps) {
-  check_input(input);
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, bias, "bias");
-  check_per_channel(input, running_mean, "running_mean");
-  check_per_channel(input, running_var, "running_var");
-  check_eps(eps, /*training=*/false);
-  const c10::cuda::OptionalCUDAGuard guard(input.device());
-  const auto [x, shape] = kernel_input(input);
-  at::Tensor output = at::empty_like(x);
-  if (x.numel() > 0) {
-    const at::Tensor table = affine_coefficients(
-        x.scalar_type(), x.options(), shape.channels, ChannelInput(running_mean), ChannelInput(weight),
-        ChannelInput(bias), ChannelInput(running_var), Spread::kVariance, eps);
-    affine(x, output, shape, table);
-  }
-  return output;
+  return std::get<0>(
+      forward_eval_act(input, weight, bias, running_mean, running_var, std::nullopt, eps, "identity", 0.0));
 }
 
 // A per-channel gradient in the parameters' dtype, or float32 where the kernels cannot write
-// that dtype (float8 weights; backward converts the result).
+// that dtype (float8 weights; backward_act converts the result).
 at::Tensor empty_param_grad(const at::Tensor& input, int64_t channels, at::ScalarType param_type) {
   const at::ScalarType written = readable_on_device(param_type) ? param_type : at::kFloat;
   return at::empty({channels}, input.options().dtype(written));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const at::Tensor& mean,
     const at::Tensor& invstd,
+    const at::Tensor& mask,
     bool training,
-    std::array<bool, 3> output_mask) {
-  check_input(input);
-  TORCH_CHECK(
-      grad_output.sizes() == input.sizes(),
-      "torch_bn: grad_output of shape ", grad_output.sizes(), " does not match input of shape ", input.sizes());
-  TORCH_CHECK(
-      grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
-      "torch_bn: grad_output must have the input's dtype and device");
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, mean, "mean");
-  check_per_channel(input, invstd, "invstd");
+    c10::string_view activation_name,
+    double negative_slope,
+    std::array<bool, 4> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
+  check_mask_arg(mask, input, activation);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   const auto [x, shape] = kernel_input(input);
   const at::Tensor dy = with_layout_of(grad_output, x);
+  const auto empty = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : empty();
+  at::Tensor grad_residual = output_mask[3] ? at::empty_like(x) : empty();
   const auto param_type = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({0}, input.options().dtype(param_type));
   at::Tensor grad_bias = at::empty({0}, input.options().dtype(param_type));
   if (x.numel() == 0) {
@@ -111,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     if (output_mask[2]) {
       grad_bias = at::zeros({shape.channels}, input.options().dtype(param_type));
     }
-    return {grad_input, grad_weight, grad_bias};
+    return {grad_input, grad_weight, grad_bias, grad_residual};
   }
   if (output_mask[1]) {
     grad_weight = empty_param_grad(input, shape.channels, param_type);
@@ -119,22 +154,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (output_mask[2]) {
     grad_bias = empty_param_grad(input, shape.channels, param_type);
   }
+  const GradPrologue prologue{activation.has_mask() ? mask.const_data_ptr<uint8_t>() : nullptr, activation.slope(),
+                              output_mask[3] ? grad_residual.mutable_data_ptr() : nullptr};
   const ChannelInput weight_values(weight);
   const bool training_grad_input = training && output_mask[0];
-  if (training_grad_input || output_mask[1] || output_mask[2]) {
+  // The reduction pass also stores the residual's gradient.
+  if (training_grad_input || output_mask[1] || output_mask[2] || output_mask[3]) {
     reduce_grad(
-        dy, x, shape, ChannelInput(mean), ChannelInput(invstd), weight_values,
+        dy, x, shape, ChannelInput(mean), ChannelInput(invstd), weight_values, prologue,
         training_grad_input ? grad_input : at::Tensor(), output_mask[1] ? grad_weight : at::Tensor(),
         output_mask[2] ? grad_bias : at::Tensor());
   }
   if (output_mask[0] && !training) {
-    // Eval: dx = dy * weight * invstd does not depend on x.
+    // Eval: dx = dz * weight * invstd does not depend on x.
     const at::Tensor table = affine_coefficients(
         x.scalar_type(), x.options(), shape.channels, ChannelInput(), weight_values, ChannelInput(),
         ChannelInput(invstd), Spread::kInvstd, 0.0);
-    affine(dy, grad_input, shape, table);
+    affine(dy, grad_input, shape, table, prologue);
   }
-  return {grad_input, grad_weight.to(param_type), grad_bias.to(param_type)};
+  return {grad_input, grad_weight.to(param_type), grad_bias.to(param_type), grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    bool training,
+    std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      backward_act(grad_output, input, weight, mean, invstd, at::Tensor(), training, "identity", 0.0,
+                   {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 } // namespace
@@ -143,6 +195,9 @@ TORCH_LIBRARY_IMPL(torch_bn, CUDA, m) {
   m.impl("forward_train", &forward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("backward", &backward);
+  m.impl("forward_train_act", &forward_train_act);
+  m.impl("forward_eval_act", &forward_eval_act);
+  m.impl("backward_act", &backward_act);
   // O(C) work in ATen ops, which run on the tensors' device.
   m.impl("update_running_stats", &update_running_stats);
 }

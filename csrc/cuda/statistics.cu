@@ -92,7 +92,8 @@ __global__ void merge_statistics_kernel(
 
 void normalize_with_batch_statistics(
     const at::Tensor& x, const at::Tensor& y, const Shape& shape, const ChannelInput& weight,
-    const ChannelInput& bias, double eps, const at::Tensor& mean, const at::Tensor& invstd) {
+    const ChannelInput& bias, double eps, const Epilogue& epilogue, const at::Tensor& mean,
+    const at::Tensor& invstd) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_bn_forward_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -110,7 +111,7 @@ void normalize_with_batch_statistics(
           affine_table<acc_t>(table));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    affine(x, y, shape, table);
+    affine(x, y, shape, table, GradPrologue{}, epilogue);
   });
 }
 
