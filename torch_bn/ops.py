@@ -228,8 +228,10 @@ def backward_act(
 def eval_statistics(input: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(mean, invstd) that the backward ops take in evaluation: a copy of the running mean (so a
     later in-place update of the buffer cannot change a saved tensor) and 1/sqrt(running_var + eps)."""
+    # Copies also where the dtype is already right: a no-op .to() returns its input, which torch's
+    # schema check (opcheck) rejects inside an op's autograd setup.
     dtype = stats_dtype(input)
-    return running_mean.to(dtype, copy=True), torch.rsqrt(running_var.to(dtype) + eps)
+    return running_mean.to(dtype, copy=True), torch.rsqrt(running_var.to(dtype, copy=True).add_(eps))
 
 
 def _check_act_inputs(input: Tensor, residual: Optional[Tensor], activation: str) -> None:
