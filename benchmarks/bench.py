@@ -9,9 +9,10 @@ targets' PASS/FAIL checklist, and writes bench.json, bench.csv and bench.png int
 
 Timing: for each case (shape, dtype, layout) every (mode, impl) and a copy of x are timed in
 rounds, each a short ``torch.utils.benchmark`` block, the order rotating from round to round; a
-time is the median over the rounds. torch.compile compiles one static graph per case
-(``dynamic=False``; dynamic shapes would share graphs but run slower kernels); compiling and
-warming up happen before any timing.
+time is the median over the rounds. torch.compile compiles one static graph per case and mode
+(``dynamic=False``: with ``dynamic=True`` it still recompiled for every channel count, the
+parameters' shapes being static, and its kernels ran up to several times slower); compiling and
+warming up happen before any timing, and the compile time is reported apart.
 """
 
 import argparse
