@@ -83,25 +83,58 @@ struct PerChannel {
   acc_t operator[](int64_t i) const { return values[i]; }
 };
 
+// Reductions run kUnroll vectors per step; a running total keeps one accumulator per slot, so
+// the adds form kUnroll independent chains instead of one that waits on each add's latency.
+constexpr int kUnroll = 4;
+
 // Where a reduction's terms go: one running total (a planar run, all one channel), or the
-// per-channel totals at each element's own index (a row of channels).
+// per-channel totals at each element's own index (a row of channels). `slot` < kUnroll is the
+// position of a vector within its step.
 template <typename acc_t>
 struct RunTotal {
-  Vectorized<acc_t> lanes{acc_t(0)};
+  Vectorized<acc_t> lanes[kUnroll];
   acc_t tail = 0;
-  void add(int64_t /*i*/, const Vectorized<acc_t>& v) { lanes += v; }
+  RunTotal() {
+    for (auto& lane : lanes) {
+      lane = Vectorized<acc_t>(acc_t(0));
+    }
+  }
+  void add(int slot, int64_t /*i*/, const Vectorized<acc_t>& v) { lanes[slot] += v; }
   void add(int64_t /*i*/, acc_t v) { tail += v; }
-  acc_t total() const { return horizontal_sum(lanes) + tail; }
+  acc_t total() const {
+    Vectorized<acc_t> sum = lanes[0];
+    for (int slot = 1; slot < kUnroll; ++slot) {
+      sum += lanes[slot];
+    }
+    return horizontal_sum(sum) + tail;
+  }
 };
 
 template <typename acc_t>
 struct ChannelTotals {
   acc_t* totals;
-  void add(int64_t i, const Vectorized<acc_t>& v) {
+  void add(int /*slot*/, int64_t i, const Vectorized<acc_t>& v) {
     (Vectorized<acc_t>::loadu(totals + i) + v).store(totals + i);
   }
   void add(int64_t i, acc_t v) { totals[i] += v; }
 };
+
+// Calls vector_step(slot, i) on [0, n) kUnroll vectors at a time, then on the remaining whole
+// vectors (slot 0), and returns where the scalar tail starts.
+template <typename acc_t, typename F>
+inline int64_t for_each_vector(int64_t n, const F& vector_step) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  for (; i + kUnroll * V <= n; i += kUnroll * V) {
+    for (int slot = 0; slot < kUnroll; ++slot) {
+      vector_step(slot, i + slot * V);
+    }
+  }
+  for (; i + V <= n; i += V) {
+    vector_step(0, i);
+  }
+  return i;
+}
 
 // The mean enters as hi + lo (two acc_t values whose sum is the double-precision mean), so
 // (x - hi) - lo keeps the low bits that a float mean would drop: with mean 1e4 and std 1e-2
@@ -120,10 +153,7 @@ inline acc_t centered(acc_t x, const P& hi, const P& lo, int64_t i) {
 template <typename acc_t, typename P, typename Out>
 inline void reduce_shifted(const acc_t* x, int64_t n, const P& shift, Out& out) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    out.add(i, Vec::loadu(x + i) - shift.vec(i));
-  }
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { out.add(slot, j, Vec::loadu(x + j) - shift.vec(j)); });
   for (; i < n; ++i) {
     out.add(i, acc_t(x[i] - shift[i]));
   }
@@ -133,11 +163,10 @@ inline void reduce_shifted(const acc_t* x, int64_t n, const P& shift, Out& out) 
 template <typename acc_t, typename P, typename Out>
 inline void reduce_sq_centered(const acc_t* x, int64_t n, const P& hi, const P& lo, Out& out) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = centered(Vec::loadu(x + i), hi, lo, i);
-    out.add(i, d * d);
-  }
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
+    const Vec d = centered(Vec::loadu(x + j), hi, lo, j);
+    out.add(slot, j, d * d);
+  });
   for (; i < n; ++i) {
     const acc_t d = centered(x[i], hi, lo, i);
     out.add(i, acc_t(d * d));
@@ -149,12 +178,11 @@ template <typename acc_t, typename P, typename Out>
 inline void reduce_dy_dot(
     const acc_t* dy, const acc_t* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
   using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec g = Vec::loadu(dy + i);
-    sum.add(i, g);
-    dot.add(i, g * centered(Vec::loadu(x + i), hi, lo, i));
-  }
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
+    const Vec g = Vec::loadu(dy + j);
+    sum.add(slot, j, g);
+    dot.add(slot, j, g * centered(Vec::loadu(x + j), hi, lo, j));
+  });
   for (; i < n; ++i) {
     sum.add(i, dy[i]);
     dot.add(i, acc_t(dy[i] * centered(x[i], hi, lo, i)));
