@@ -106,15 +106,11 @@ __global__ void __launch_bounds__(kThreads) grad_input_kernel(
     return;
   }
   acc_t hi[V], lo[V], k1[V], k2[V], k3[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t c = g.channel(k);
-    hi[k] = table.hi[c];
-    lo[k] = table.lo[c];
-    k1[k] = table.k1[c];
-    k2[k] = table.k2[c];
-    k3[k] = table.k3[c];
-  }
+  gather_channels(g, table.hi, hi);
+  gather_channels(g, table.lo, lo);
+  gather_channels(g, table.k1, k1);
+  gather_channels(g, table.k2, k2);
+  gather_channels(g, table.k3, k3);
   g.for_each_vector([&](int64_t i) {
     acc_t grad[V], values[V];
     load_vector<V>(dy, i, grad);

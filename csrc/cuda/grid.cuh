@@ -111,7 +111,7 @@ struct PlanarGrid {
 
   template <typename Lanes>
   static size_t shared_bytes(const dim3& block) {
-    return sizeof(decltype(Lanes().fold())) * block.x * block.y;
+    return sizeof(typename Lanes::Lane) * block.x * block.y;
   }
 
   __device__ __forceinline__ bool active() const { return true; }
@@ -139,9 +139,9 @@ struct PlanarGrid {
 
   template <typename Lanes, typename Store>
   __device__ __forceinline__ void reduce(const Lanes& lanes, void* smem, const Store& store) const {
-    using Total = decltype(lanes.fold());
+    using Lane = typename Lanes::Lane;
     const int index = threadIdx.y * blockDim.x + threadIdx.x;
-    const Total total = tree_reduce(lanes.fold(), static_cast<Total*>(smem), index, blockDim.x * blockDim.y, 1);
+    const Lane total = tree_reduce(fold_lanes(lanes), static_cast<Lane*>(smem), index, blockDim.x * blockDim.y, 1);
     if (index == 0) {
       store(0, channel(0), total);
     }
@@ -214,6 +214,15 @@ struct RowsGrid {
     }
   }
 };
+
+// The per-channel values of this thread's lanes.
+template <typename Grid, typename T>
+__device__ __forceinline__ void gather_channels(const Grid& g, const T* per_channel, T (&lanes)[Grid::kVec]) {
+#pragma unroll
+  for (int k = 0; k < Grid::kVec; ++k) {
+    lanes[k] = per_channel[g.channel(k)];
+  }
+}
 
 // Calls f(grid) with the grid of `shape`, loading kVec values at a time (16 bytes by default)
 // when such vectors stay inside a plane (planar) or a row (rows) and every pointer is aligned to

@@ -25,14 +25,10 @@ __global__ void __launch_bounds__(kThreads) affine_kernel(
     return;
   }
   acc_t hi[V], lo[V], scale[V], shift[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int64_t c = g.channel(k);
-    hi[k] = table.hi[c];
-    lo[k] = table.lo[c];
-    scale[k] = table.scale[c];
-    shift[k] = table.shift[c];
-  }
+  gather_channels(g, table.hi, hi);
+  gather_channels(g, table.lo, lo);
+  gather_channels(g, table.scale, scale);
+  gather_channels(g, table.shift, shift);
   g.for_each_vector([&](int64_t i) {
     acc_t values[V];
     load_vector<V>(in, i, values);

@@ -30,10 +30,27 @@ at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
   return at::zeros({(bytes + 3) / 4 * 4}, x.options().dtype(at::kByte)).narrow(0, 0, bytes);
 }
 
-Epilogue epilogue_of(const at::Tensor& residual, const at::Tensor& mask, const ActivationSpec& activation) {
-  return {residual.defined() ? residual.const_data_ptr() : nullptr,
-          activation.has_mask() ? mask.mutable_data_ptr<uint8_t>() : nullptr, activation.slope()};
-}
+// What both fused forwards set up: the input and residual in the kernel layout, the output and
+// the sign mask.
+struct FusedForward {
+  ActivationSpec activation;
+  KernelInput in;
+  at::Tensor residual, output, mask;
+
+  FusedForward(
+      const at::Tensor& input, const std::optional<at::Tensor>& residual_arg, c10::string_view activation_name,
+      double negative_slope)
+      : activation(ActivationSpec::parse(activation_name, negative_slope)),
+        in(kernel_input(input)),
+        residual(kernel_residual(input, in.tensor, residual_arg)),
+        output(at::empty_like(in.tensor)),
+        mask(new_mask(in.tensor, activation)) {}
+
+  Epilogue epilogue() const {
+    return {residual.defined() ? residual.const_data_ptr() : nullptr,
+            activation.has_mask() ? mask.mutable_data_ptr<uint8_t>() : nullptr, activation.slope()};
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
     const at::Tensor& input,
@@ -44,22 +61,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
     c10::string_view activation_name,
     double negative_slope) {
   check_forward_train_args(input, weight, bias, eps);
-  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  const auto [x, shape] = kernel_input(input);
-  const at::Tensor r = kernel_residual(input, x, residual);
-  at::Tensor output = at::empty_like(x);
-  at::Tensor mask = new_mask(x, activation);
-  if (x.numel() == 0) {
+  const FusedForward f(input, residual, activation_name, negative_slope);
+  const int64_t channels = f.in.shape.channels;
+  if (f.in.tensor.numel() == 0) {
     // An empty batch has no statistics; report those of an all-zero channel.
-    return {output, at::zeros({shape.channels}, stats_options(input)),
-            at::full({shape.channels}, 1.0 / std::sqrt(eps), stats_options(input)), mask};
+    return {f.output, at::zeros({channels}, stats_options(input)),
+            at::full({channels}, 1.0 / std::sqrt(eps), stats_options(input)), f.mask};
   }
-  at::Tensor mean = at::empty({shape.channels}, stats_options(input));
-  at::Tensor invstd = at::empty({shape.channels}, stats_options(input));
+  at::Tensor mean = at::empty({channels}, stats_options(input));
+  at::Tensor invstd = at::empty({channels}, stats_options(input));
   normalize_with_batch_statistics(
-      x, output, shape, ChannelInput(weight), ChannelInput(bias), eps, epilogue_of(r, mask, activation), mean, invstd);
-  return {output, mean, invstd, mask};
+      f.in.tensor, f.output, f.in.shape, ChannelInput(weight), ChannelInput(bias), eps, f.epilogue(), mean, invstd);
+  return {f.output, mean, invstd, f.mask};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
@@ -82,19 +96,16 @@ std::tuple<at::Tensor, at::Tensor> forward_eval_act(
     c10::string_view activation_name,
     double negative_slope) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, eps);
-  const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  const auto [x, shape] = kernel_input(input);
-  const at::Tensor r = kernel_residual(input, x, residual);
-  at::Tensor output = at::empty_like(x);
-  at::Tensor mask = new_mask(x, activation);
+  const FusedForward f(input, residual, activation_name, negative_slope);
+  const at::Tensor& x = f.in.tensor;
   if (x.numel() > 0) {
     const at::Tensor table = affine_coefficients(
-        x.scalar_type(), x.options(), shape.channels, ChannelInput(running_mean), ChannelInput(weight),
+        x.scalar_type(), x.options(), f.in.shape.channels, ChannelInput(running_mean), ChannelInput(weight),
         ChannelInput(bias), ChannelInput(running_var), Spread::kVariance, eps);
-    affine(x, output, shape, table, GradPrologue{}, epilogue_of(r, mask, activation));
+    affine(x, f.output, f.in.shape, table, GradPrologue{}, f.epilogue());
   }
-  return {output, mask};
+  return {f.output, f.mask};
 }
 
 at::Tensor forward_eval(

@@ -34,6 +34,8 @@ __device__ __forceinline__ Welford<T> merge(const Welford<T>& a, const Welford<T
 // one count and one reciprocal per vector.
 template <typename T, int V>
 struct WelfordLanes {
+  using Lane = Welford<T>;
+  static constexpr int kLanes = V;
   T mean[V] = {};
   T m2[V] = {};
   int64_t count = 0;
@@ -50,16 +52,6 @@ struct WelfordLanes {
   }
 
   __device__ __forceinline__ Welford<T> lane(int k) const { return {mean[k], m2[k], count}; }
-
-  // All lanes merged, for a layout whose lanes are one channel.
-  __device__ __forceinline__ Welford<T> fold() const {
-    Welford<T> total = lane(0);
-#pragma unroll
-    for (int k = 1; k < V; ++k) {
-      total = merge(total, lane(k));
-    }
-    return total;
-  }
 };
 
 template <typename T, int V>
@@ -89,6 +81,8 @@ __device__ __forceinline__ GradSums<T> merge(const GradSums<T>& a, const GradSum
 
 template <typename T, int V>
 struct GradSumLanes {
+  using Lane = GradSums<T>;
+  static constexpr int kLanes = V;
   T dy[V] = {};
   T dot[V] = {};
 
@@ -101,15 +95,6 @@ struct GradSumLanes {
   }
 
   __device__ __forceinline__ GradSums<T> lane(int k) const { return {dy[k], dot[k]}; }
-
-  __device__ __forceinline__ GradSums<T> fold() const {
-    GradSums<T> total = lane(0);
-#pragma unroll
-    for (int k = 1; k < V; ++k) {
-      total = merge(total, lane(k));
-    }
-    return total;
-  }
 };
 
 template <typename T, int V>
@@ -121,6 +106,17 @@ __device__ __forceinline__ GradSumLanes<T, V> merge(const GradSumLanes<T, V>& a,
     out.dot[k] = a.dot[k] + b.dot[k];
   }
   return out;
+}
+
+// All lanes of a thread merged in lane order, for a layout whose lanes are one channel.
+template <typename Lanes>
+__device__ __forceinline__ typename Lanes::Lane fold_lanes(const Lanes& lanes) {
+  typename Lanes::Lane total = lanes.lane(0);
+#pragma unroll
+  for (int k = 1; k < Lanes::kLanes; ++k) {
+    total = merge(total, lanes.lane(k));
+  }
+  return total;
 }
 
 // Merges `value` over a group of `n` threads by a binary tree in shared memory; the thread with
