@@ -81,7 +81,7 @@ raise SystemExit(1 if missing else 0)"
 
 tests() {
   # -P keeps the repository root off sys.path, so that the installed torch_bn (with _C) is used.
-  python3 -P -m pytest -q -p xdist -n 8 --import-mode=importlib tests
+  python3 -P -m pytest -q -n 8 --import-mode=importlib tests
 }
 
 sanitize() {
