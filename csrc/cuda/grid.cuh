@@ -2,7 +2,8 @@
 // block combines its threads' statistics. One grid type per layout (see layout.h's Shape); the
 // kernels are written once against this interface:
 //
-//   kVec                  values per load (16 bytes, or 1 where the layout or alignment forbids)
+//   kVec                  values per load: 16 bytes (8 values where a kernel writes a sign mask),
+//                         or 1 where the layout or the alignment forbids vectors
 //   active()              whether this thread owns channels (the rows grid pads the last tile)
 //   channel(k)            the channel of lane k of this thread's vectors
 //   shift_element(k)      an element of lane k's channel, to shift that lane's sums by
@@ -13,7 +14,7 @@
 //
 // Blocks split each channel into at most about kTargetBlocks / channels pieces, so that few
 // channels still fill the GPU. The split depends on the shape and vector width only, never on
-// the device, so results are bitwise reproducible across GPUs too.
+// the device, so one build gives bitwise the same results on any GPU it runs on.
 #pragma once
 #include "../layout.h"
 #include "reduce.cuh"
