@@ -29,4 +29,4 @@ venv_pip install -q torch==2.13.0 numpy tqdm matplotlib
 # another one. Not editable: tests and benchmarks run what a user installs.
 echo "setup: building and installing torch_bn (a few minutes)"
 venv_pip install -q --no-build-isolation --no-deps "$repo"
-echo "setup: torch_bn installed in $venv"
+echo "setup: torch_bn installed in $venv (setup took $SECONDS s)"
