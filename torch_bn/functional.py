@@ -50,28 +50,13 @@ def _differentiable_backward(grad_output, input, weight, mean, invstd, training,
     In training the statistics are recomputed from ``input`` so that their dependence on it is
     part of the graph; in evaluation they are constants.
     """
-    dims = [0, *range(2, input.dim())]
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    acc = ops.stats_dtype(input)
-    x = input.to(acc)
-    dy = grad_output.to(acc)
     if training:
-        mean = x.mean(dims, keepdim=True)
-        invstd = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    else:
-        mean, invstd = mean.view(shape), invstd.view(shape)
-    xhat = (x - mean) * invstd
-    scale = invstd if weight is None else invstd * weight.to(acc).view(shape)
-    if training:
-        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
-    else:
-        grad_input = dy * scale
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    return (
-        grad_input.to(input.dtype) if needs[0] else None,
-        (dy * xhat).sum(dims).to(param_dtype) if needs[1] and weight is not None else None,
-        dy.sum(dims).to(param_dtype) if needs[2] else None,
-    )
+        dims = [0, *range(2, input.dim())]
+        x = input.to(ops.stats_dtype(input))
+        mean = x.mean(dims)
+        invstd = torch.rsqrt(x.var(dims, unbiased=False) + eps)
+    grads = ops.backward_formula(grad_output, input, weight, mean, invstd, training)
+    return tuple(g if wanted else None for g, wanted in zip(grads, needs))
 
 
 # BatchNormFunction.apply's signature: (input, weight, bias, running_mean, running_var, training,

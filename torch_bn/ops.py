@@ -154,22 +154,70 @@ def _forward_train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
 
 def _forward_eval_setup(ctx, inputs, output):
     input, weight, _bias, running_mean, running_var, eps = inputs
-    invstd = torch.rsqrt(running_var.to(stats_dtype(input)) + eps)
-    ctx.save_for_backward(input, weight, running_mean, invstd)
+    mean, invstd = eval_statistics(input, running_mean, running_var, eps)
+    ctx.save_for_backward(input, weight, mean, invstd)
 
 
 def _forward_eval_backward(ctx, grad_output):
-    input, weight, running_mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = gradients(
-        grad_output, input, weight, running_mean, invstd, False, ctx.needs_input_grad
-    )
+    input, weight, mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = gradients(grad_output, input, weight, mean, invstd, False, ctx.needs_input_grad)
     return grad_input, grad_weight, grad_bias, None, None, None
 
 
-# The ops are differentiable on their own too (first order), so they can be used without the
-# modules and pass torch.library.opcheck's autograd checks.
+def backward_formula(grad_output, input, weight, mean, invstd, training):
+    """torch_bn::backward written in differentiable torch ops, ``mean`` and ``invstd`` taken as given.
+
+    Returns (grad_input, grad_weight, grad_bias); grad_weight is None without a weight.
+    """
+    dims = [0, *range(2, input.dim())]
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    acc = stats_dtype(input)
+    dy = grad_output.to(acc)
+    xhat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
+    scale = invstd.to(acc).view(shape)
+    if weight is not None:
+        scale = scale * weight.to(acc).view(shape)
+    if training:
+        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
+    else:
+        grad_input = dy * scale
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    grad_weight = (dy * xhat).sum(dims).to(param_dtype) if weight is not None else None
+    return grad_input.to(input.dtype), grad_weight, dy.sum(dims).to(param_dtype)
+
+
+def _backward_setup(ctx, inputs, output):
+    grad_output, input, weight, mean, invstd, training, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight, mean, invstd)
+    ctx.training = training
+    ctx.output_mask = output_mask
+
+
+def _backward_backward(ctx, *output_grads):
+    # The gradient of the backward op: differentiate backward_formula at the saved inputs.
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in saved]
+        outputs = backward_formula(*leaves, ctx.training)
+        pairs = [
+            (out, grad)
+            for out, grad, wanted in zip(outputs, output_grads, ctx.output_mask)
+            if wanted and out is not None and grad is not None
+        ]
+        wrt = [leaf for leaf in leaves if leaf is not None]
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(wrt)
+        )
+    return (*(None if leaf is None else next(grads) for leaf in leaves), None, None)
+
+
+# The ops are differentiable on their own too, so they can be used without the modules and pass
+# torch.library.opcheck's autograd checks; the backward op's own gradient gives double backward.
 torch.library.register_autograd("torch_bn::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
 torch.library.register_autograd("torch_bn::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
+torch.library.register_autograd("torch_bn::backward", _backward_backward, setup_context=_backward_setup)
 
 
 # BatchNorm with a fused activation epilogue: z = BN(x) (+ residual), output = act(z); the sign

@@ -203,6 +203,20 @@ inline void affine(
   }
 }
 
+// dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
+// read, so a NaN in x does not reach dx, as in torch).
+template <typename acc_t, typename P>
+inline void scale_by(const acc_t* dy, acc_t* dx, int64_t n, const P& k) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    (Vec::loadu(dy + i) * k.vec(i)).store(dx + i);
+  }
+  for (; i < n; ++i) {
+    dx[i] = dy[i] * k[i];
+  }
+}
+
 // Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
 template <typename acc_t, typename P>

@@ -422,8 +422,12 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       const Uniform<acc_t> k1{static_cast<acc_t>(k.k1)}, k2{static_cast<acc_t>(k.k2)}, k3{static_cast<acc_t>(k.k3)};
       for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
         acc_t* dx_chunk = output_chunk(dx + first, out.data());
-        grad_input(grad.read(first, len, /*store_residual_grad=*/false), widen(x + first, x_in.data(), len),
-                   dx_chunk, len, hi, lo, k1, k2, k3);
+        const acc_t* dz = grad.read(first, len, /*store_residual_grad=*/false);
+        if (training) {
+          grad_input(dz, widen(x + first, x_in.data(), len), dx_chunk, len, hi, lo, k1, k2, k3);
+        } else {
+          scale_by(dz, dx_chunk, len, k1);
+        }
         narrow(dx_chunk, dx + first, len);
       });
     }
@@ -488,11 +492,16 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
-          grad_input(grad.read(first, n, /*store_residual_grad=*/false), widen(x + first, x_in.data(), n), dx_chunk, n,
-                     PerChannel<acc_t>{centering.hi.data() + position},
-                     PerChannel<acc_t>{centering.lo.data() + position},
-                     PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
-                     PerChannel<acc_t>{k3.data() + position});
+          const acc_t* dz = grad.read(first, n, /*store_residual_grad=*/false);
+          if (training) {
+            grad_input(dz, widen(x + first, x_in.data(), n), dx_chunk, n,
+                       PerChannel<acc_t>{centering.hi.data() + position},
+                       PerChannel<acc_t>{centering.lo.data() + position},
+                       PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
+                       PerChannel<acc_t>{k3.data() + position});
+          } else {
+            scale_by(dz, dx_chunk, n, PerChannel<acc_t>{k1.data() + position});
+          }
           narrow(dx_chunk, dx + first, n);
         });
   });
