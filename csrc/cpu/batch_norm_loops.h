@@ -254,6 +254,51 @@ inline void add_into(acc_t* z, const acc_t* r, int64_t n) {
   }
 }
 
+// The signs of 8 consecutive values as one byte: bit k = z[k] > 0.
+template <typename acc_t>
+inline uint8_t sign_byte(const acc_t* z) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z), _mm256_setzero_ps(), _CMP_GT_OQ)));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    const __m256d zero = _mm256_setzero_pd();
+    return static_cast<uint8_t>(
+        _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(z), zero, _CMP_GT_OQ)) |
+        (_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(z + 4), zero, _CMP_GT_OQ)) << 4));
+  }
+#endif
+  uint8_t bits = 0;
+  for (int k = 0; k < 8; ++k) {
+    bits |= static_cast<uint8_t>(z[k] > acc_t(0)) << k;
+  }
+  return bits;
+}
+
+// dz = bit set ? dy : slope * dy. With slope 0 the gradient is selected, not multiplied, as
+// torch's threshold_backward does (an infinite dy gives 0, not NaN).
+template <typename acc_t>
+inline acc_t gate(acc_t dy, bool positive, acc_t slope) {
+  return positive ? dy : (slope == acc_t(0) ? acc_t(0) : dy * slope);
+}
+
+// gate() for 8 consecutive values whose signs are the bits of one byte.
+template <typename acc_t>
+inline void gate_byte(acc_t* dz, const acc_t* dy, uint8_t bits, acc_t slope) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i positive = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
+    const __m256 g = _mm256_loadu_ps(dy);
+    const __m256 negative = slope == 0.0f ? _mm256_setzero_ps() : _mm256_mul_ps(g, _mm256_set1_ps(slope));
+    _mm256_storeu_ps(dz, _mm256_blendv_ps(negative, g, _mm256_castsi256_ps(positive)));
+    return;
+  }
+#endif
+  for (int k = 0; k < 8; ++k) {
+    dz[k] = gate(dy[k], (bits >> k) & 1, slope);
+  }
+}
+
 // Bits [bit, bit + n) of `mask` |= (z > 0). Partial bytes at either end may be shared with the
 // run another thread writes, so they are OR-ed atomically; whole bytes are plain stores.
 template <typename acc_t>
@@ -271,11 +316,7 @@ inline void write_sign_bits(uint8_t* mask, int64_t bit, const acc_t* z, int64_t 
     or_partial(head);
   }
   for (; i + 8 <= n; i += 8) {
-    uint8_t bits = 0;
-    for (int k = 0; k < 8; ++k) {
-      bits |= static_cast<uint8_t>(z[i + k] > acc_t(0)) << k;
-    }
-    mask[(bit + i) >> 3] = bits;
+    mask[(bit + i) >> 3] = sign_byte(z + i);
   }
   if (i < n) {
     or_partial(n - i);
@@ -304,15 +345,21 @@ inline void leaky_relu(acc_t* z, int64_t n, acc_t slope) {
   }
 }
 
-// dz = mask bit ? dy : slope * dy, for bits [bit, bit + n); with slope 0 the gradient is
-// selected, not multiplied, as torch's threshold_backward does.
+// dz = gate(dy) by bits [bit, bit + n) of `mask`.
 template <typename acc_t>
 inline void gate_by_sign_bits(acc_t* dz, const acc_t* dy, const uint8_t* mask, int64_t bit, int64_t n, acc_t slope) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = bit + i;
-    const bool positive = (mask[e >> 3] >> (e & 7)) & 1;
-    dz[i] = positive ? dy[i] : (slope == acc_t(0) ? acc_t(0) : dy[i] * slope);
+  int64_t i = 0;
+  const auto gate_bits = [&](int64_t end) {
+    for (; i < end; ++i) {
+      dz[i] = gate(dy[i], (mask[(bit + i) >> 3] >> ((bit + i) & 7)) & 1, slope);
+    }
+  };
+  gate_bits(std::min(n, (8 - (bit & 7)) & 7));
+  for (; i + 8 <= n; i += 8) {
+    gate_byte(dz + i, dy + i, mask[(bit + i) >> 3], slope);
   }
+  gate_bits(n);
 }
+
 } // namespace CPU_CAPABILITY
 } // namespace torch_bn::cpu
