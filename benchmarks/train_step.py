@@ -30,7 +30,7 @@ if __name__ == "__main__" and not __package__:
 from .resnet import ResNet
 from .timing import timed_call
 
-WIDTHS = (32, 64, 128)  # bottleneck widths; the stages output 128, 256 and 512 channels
+WIDTHS = (16, 32, 64)  # bottleneck widths; the stages output 64, 128 and 256 channels
 BLOCKS_PER_STAGE = (1, 1, 1)
 IMAGE_SIZE = 56
 NUM_CLASSES = 10
