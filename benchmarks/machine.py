@@ -46,6 +46,8 @@ def describe(device: str) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git_commit": git_commit(),
+        # glibc's allocator settings decide whether a fresh output costs page faults (see scripts/bench.sh).
+        "malloc_env": {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")},
         "device": device,
     }
     if device == "cuda":
