@@ -108,8 +108,12 @@ def measure_case(case: Case, device: str, args: argparse.Namespace) -> Tuple[Lis
         synchronize(device)
         if impl == "torch.compile":
             compile_seconds = time.perf_counter() - start
+    load = machine.load_average()[0]
     times = interleaved_times(functions, args.repeats, args.block_time, args.threads)
-    return case_rows(case, times), compile_seconds
+    rows = case_rows(case, times)
+    for row in rows:
+        row["load_average"] = load  # other processes' share of the machine when the case ran
+    return rows, compile_seconds
 
 
 def devices_of(args: argparse.Namespace) -> List[str]:
@@ -159,7 +163,8 @@ def run_device(device: str, args: argparse.Namespace) -> dict:
 
 def present(results: dict, out: Path) -> None:
     about, options = results["machine"], results["options"]
-    print(f"\n{about['device_name'] if 'device_name' in about else about['cpu']} ({about['device']}), torch {about['torch']}, {options['threads']} threads, batch {options['batch']}")
+    hardware = about.get("device_name", about["cpu"])
+    print(f"\n{hardware} ({about['device']}), torch {about['torch']}, {options['threads']} threads, batch {options['batch']}")
     print(report.table(results["rows"]))
     print()
     print(report.summary_text(results["summary"]))
@@ -175,7 +180,7 @@ def present(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "bench.json", results)
     report.write_csv(out / "bench.csv", results["rows"])
-    title = f"torch_bn vs torch.nn.BatchNorm2d, {about.get('device_name', about['cpu'])}, batch {options['batch']}, torch {about['torch']}"
+    title = f"torch_bn vs torch.nn.BatchNorm2d, {hardware}, batch {options['batch']}, torch {about['torch']}"
     report.write_plot(out / "bench.png", results["rows"], title)
     print(f"wrote {out}/bench.json, bench.csv, bench.png")
 

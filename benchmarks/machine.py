@@ -32,7 +32,7 @@ def git_commit() -> str:
 
 def load_average() -> list:
     """The 1, 5 and 15 minute load averages: on a shared machine, how busy it was."""
-    return list(os.getloadavg())
+    return [round(load, 2) for load in os.getloadavg()]
 
 
 def describe(device: str) -> dict:

@@ -107,8 +107,9 @@ def write_plot(path: Path, rows: List[dict], title: str) -> None:
                 axis.bar(positions, values, width, label=f"vs {peer}")
             axis.axhline(1.0, color="black", linewidth=0.8)
             axis.set_yscale("log")
+            axis.yaxis.set_major_locator(ticker.LogLocator(base=2))  # ... 0.5x, 1x, 2x, 4x ...
             axis.yaxis.set_major_formatter(times_format)
-            axis.yaxis.set_minor_formatter(times_format)
+            axis.yaxis.set_minor_formatter(ticker.NullFormatter())
             axis.tick_params(axis="y", which="both", labelsize=7)
             axis.set_title(f"{mode}\n{dtype}, {layout}", fontsize=8)
             axis.set_xticks(range(len(shapes)))
