@@ -1,8 +1,8 @@
 // CPU implementations of the torch_bn operators: argument checks, layout and allocation here;
 // the loops in kernels_impl.h.
 #include "../activation.h"
-#include "../checks.h"
 #include "../layout.h"
+#include "../op_checks.h"
 #include "../running_stats.h"
 #include "kernels.h"
 
@@ -49,21 +49,6 @@ at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dtype) {
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
 }
 
-// The residual, in the kernel layout of the input `x` (copied only when its strides differ).
-at::Tensor kernel_residual(const at::Tensor& input, const at::Tensor& x, const std::optional<at::Tensor>& residual) {
-  if (!residual.has_value() || !residual->defined()) {
-    return {};
-  }
-  TORCH_CHECK(
-      residual->sizes() == input.sizes(),
-      "torch_bn: residual of shape ", residual->sizes(), " does not match input of shape ", input.sizes());
-  TORCH_CHECK(
-      residual->scalar_type() == input.scalar_type() && residual->device() == input.device(),
-      "torch_bn: residual must have the input's dtype and device, got ", residual->scalar_type(), " on ",
-      residual->device());
-  return with_layout_of(*residual, x);
-}
-
 at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
   const int64_t bytes = activation.has_mask() ? mask_bytes(x.numel()) : 0;
   return at::zeros({bytes}, x.options().dtype(at::kByte));
@@ -82,10 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
     double eps,
     c10::string_view activation_name,
     double negative_slope) {
-  check_input(input);
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, bias, "bias");
-  check_eps(eps, /*training=*/true);
+  check_forward_train_args(input, weight, bias, eps);
   const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const auto [x, shape] = kernel_input(input);
   const at::Tensor r = kernel_residual(input, x, residual);
@@ -121,12 +103,7 @@ std::tuple<at::Tensor, at::Tensor> forward_eval_act(
     double eps,
     c10::string_view activation_name,
     double negative_slope) {
-  check_input(input);
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, bias, "bias");
-  check_per_channel(input, running_mean, "running_mean");
-  check_per_channel(input, running_var, "running_var");
-  check_eps(eps, /*training=*/false);
+  check_forward_eval_args(input, weight, bias, running_mean, running_var, eps);
   const auto activation = ActivationSpec::parse(activation_name, negative_slope);
   const auto [x, shape] = kernel_input(input);
   const at::Tensor r = kernel_residual(input, x, residual);
@@ -168,24 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
     c10::string_view activation_name,
     double negative_slope,
     std::array<bool, 4> output_mask) {
-  check_input(input);
-  TORCH_CHECK(
-      grad_output.sizes() == input.sizes(),
-      "torch_bn: grad_output of shape ", grad_output.sizes(), " does not match input of shape ", input.sizes());
-  TORCH_CHECK(
-      grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(),
-      "torch_bn: grad_output must have the input's dtype and device");
-  check_per_channel(input, weight, "weight");
-  check_per_channel(input, mean, "mean");
-  check_per_channel(input, invstd, "invstd");
+  check_backward_args(grad_output, input, weight, mean, invstd);
   const auto activation = ActivationSpec::parse(activation_name, negative_slope);
-  if (activation.has_mask()) {
-    TORCH_CHECK(
-        mask.scalar_type() == at::kByte && mask.dim() == 1 && mask.numel() == mask_bytes(input.numel()) &&
-            mask.is_contiguous() && mask.device() == input.device(),
-        "torch_bn: mask must be the uint8 tensor of ", mask_bytes(input.numel()),
-        " bytes that the forward returned, got ", mask.scalar_type(), " of shape ", mask.sizes());
-  }
+  check_mask_arg(mask, input, activation);
   const auto [x, shape] = kernel_input(input);
   const at::Tensor dy = with_layout_of(grad_output, x);
   at::Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::Tensor();

@@ -3,7 +3,7 @@
 // The plain operators are the identity, no-residual case of the fused ones.
 #include "../running_stats.h"
 #include "kernels.cuh"
-#include "op_checks.cuh"
+#include "../op_checks.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

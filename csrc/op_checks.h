@@ -1,10 +1,9 @@
 // Argument checks of each operator as a whole, and the fused ops' extra tensors laid out for the
-// kernels. Plain C++: the same rules as cpu/ops.cpp, kept in one function per operator so that a
-// backend cannot skip one.
+// kernels. Shared by every backend, one function per operator so that a backend cannot skip one.
 #pragma once
-#include "../activation.h"
-#include "../checks.h"
-#include "../layout.h"
+#include "activation.h"
+#include "checks.h"
+#include "layout.h"
 
 #include <ATen/core/Tensor.h>
 
