@@ -112,7 +112,7 @@ def measure_case(case: Case, device: str, args: argparse.Namespace) -> Tuple[Lis
     times = interleaved_times(functions, args.repeats, args.block_time, args.threads)
     rows = case_rows(case, times)
     for row in rows:
-        row["load_average"] = load  # other processes' share of the machine when the case ran
+        row["load_average"] = load  # as the case started; this benchmark's own threads add about 2
     return rows, compile_seconds
 
 
