@@ -7,9 +7,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 
 cd "$repo"
 # Keep freed memory in the process: otherwise glibc hands large freed blocks back to the kernel,
-# and every op that allocates its output (torch_bn, torch.nn and torch.compile alike, but not the
-# reference copy into a preallocated tensor) pays for the kernel zeroing fresh pages, which on
-# this 2-core machine costs about as much as the copy itself.
+# and every op that allocates its output (torch_bn, torch.nn, torch.compile and the reference
+# x.clone() alike) pays for the kernel zeroing fresh pages, which on this 2-core machine costs
+# about as much as the copy itself. glibc caps the mmap threshold at 32 MiB, so outputs larger
+# than that still get fresh pages.
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-17179869184}
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-33554432}
 exec "$venv/bin/python" benchmarks/bench.py "$@"
