@@ -3,6 +3,7 @@
 #include "../activation.h"
 #include "../layout.h"
 #include "../op_checks.h"
+#include "../plain_ops.h"
 #include "../running_stats.h"
 #include "kernels.h"
 
@@ -84,15 +85,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_train_act(
   return {output, to_tensor(mean, stats_type(input)), to_tensor(invstd, stats_type(input)), mask};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_train(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    double eps) {
-  auto [output, mean, invstd, mask] = forward_train_act(input, weight, bias, std::nullopt, eps, "identity", 0.0);
-  return {output, mean, invstd};
-}
-
 std::tuple<at::Tensor, at::Tensor> forward_eval_act(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -121,17 +113,6 @@ std::tuple<at::Tensor, at::Tensor> forward_eval_act(
                           data_or_null(channel_values(bias)), epilogue_of(r, mask, activation));
   }
   return {output, mask};
-}
-
-at::Tensor forward_eval(
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    double eps) {
-  return std::get<0>(
-      forward_eval_act(input, weight, bias, running_mean, running_var, std::nullopt, eps, "identity", 0.0));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
@@ -183,26 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_act(
           grad_residual.defined() ? grad_residual : empty()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    bool training,
-    std::array<bool, 3> output_mask) {
-  auto [grad_input, grad_weight, grad_bias, grad_residual] =
-      backward_act(grad_output, input, weight, mean, invstd, at::Tensor(), training, "identity", 0.0,
-                   {output_mask[0], output_mask[1], output_mask[2], false});
-  return {grad_input, grad_weight, grad_bias};
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_bn, CPU, m) {
-  m.impl("forward_train", &forward_train);
-  m.impl("forward_eval", &forward_eval);
-  m.impl("backward", &backward);
+  impl_plain_ops<&forward_train_act, &forward_eval_act, &backward_act>(m);
   m.impl("forward_train_act", &forward_train_act);
   m.impl("forward_eval_act", &forward_eval_act);
   m.impl("backward_act", &backward_act);
