@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .functional import BatchNormCall, BatchNormFunction, normalize, verify_batch_size
+from .functional import BatchNormCall, batch_norm_function, normalize, verify_batch_size
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ops.ACTIVATIONS
@@ -95,7 +95,7 @@ def activated(
     broadcasting and type promotion, as ``bn(input) + residual`` would be.
     """
     if residual is not None and (residual.shape, residual.dtype, residual.device) != (input.shape, input.dtype, input.device):
-        return apply_activation(normalize_with(BatchNormFunction.apply) + residual, activation, negative_slope)
+        return apply_activation(normalize_with(batch_norm_function) + residual, activation, negative_slope)
 
     def fused(input, weight, bias, running_mean, running_var, training, eps):
         return BatchNormActFunction.apply(

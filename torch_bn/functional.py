@@ -60,10 +60,23 @@ def _differentiable_backward(grad_output, input, weight, mean, invstd, training,
 
 
 # BatchNormFunction.apply's signature: (input, weight, bias, running_mean, running_var, training,
-# eps) -> (output, mean, invstd). ``normalize`` takes any such function.
+# eps) -> (output, mean, invstd). ``normalize`` takes any such function; it reads mean and invstd
+# in training only.
 BatchNormCall = Callable[
-    [Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], bool, float], Tuple[Tensor, Tensor, Tensor]
+    [Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], bool, float],
+    Tuple[Tensor, Optional[Tensor], Optional[Tensor]],
 ]
+
+
+def batch_norm_function(input, weight, bias, running_mean, running_var, training, eps):
+    """BatchNormFunction.apply, or the forward op alone where no gradient can be asked for: an
+    autograd.Function's bookkeeping, and in evaluation the statistics it saves for backward, cost
+    more than a small layer's kernel. In evaluation without autograd, mean and invstd are None."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+    if training:
+        return ops.forward_train(input, weight, bias, eps)
+    return ops.forward_eval(input, weight, bias, running_mean, running_var, eps), None, None
 
 
 def verify_batch_size(size: torch.Size) -> None:
@@ -86,7 +99,7 @@ def normalize(
     eps: float,
     num_batches_tracked: Optional[Tensor] = None,
     unbiased_running_var: bool = True,
-    function: BatchNormCall = BatchNormFunction.apply,
+    function: BatchNormCall = batch_norm_function,
 ) -> Tensor:
     """Batch norm plus the running-statistics update, as the modules need it.
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .conventions import KerasFlaxConstructors
-from .functional import BatchNormCall, BatchNormFunction, normalize, verify_batch_size
+from .functional import BatchNormCall, batch_norm_function, normalize, verify_batch_size
 
 
 class _TorchBNForward(KerasFlaxConstructors):
@@ -43,7 +43,7 @@ class _TorchBNForward(KerasFlaxConstructors):
     def forward(self, input: Tensor) -> Tensor:
         return self._normalize(input)
 
-    def _normalize(self, input: Tensor, function: BatchNormCall = BatchNormFunction.apply) -> Tensor:
+    def _normalize(self, input: Tensor, function: BatchNormCall = batch_norm_function) -> Tensor:
         """The module's batch norm (statistics and their update as its flags say), computed by
         ``function`` (see ``functional.normalize``)."""
         self._check_input_dim(input)

@@ -2,6 +2,7 @@
 // kernels_*.cpp): everything here lives in a namespace named after it, as ATen's
 // at::vec does, so the builds do not collide.
 #pragma once
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -18,13 +19,23 @@ using at::vec::Vectorized;
 // from half/bfloat16 stays in L1 while it is used.
 constexpr int64_t kChunk = 4096;
 
-// float and double are used in place; half and bfloat16 are widened to float a chunk at a time.
+// float and double are used in place; half and bfloat16 are widened to float a chunk at a time,
+// a vector at a time (at::vec::convert widens them one value at a time).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* widen(const scalar_t* src, acc_t* buffer, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    at::vec::convert(src, buffer, n);
+    using Vec = Vectorized<scalar_t>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const auto [low, high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + i));
+      low.store(buffer + i);
+      high.store(buffer + i + Vectorized<acc_t>::size());
+    }
+    for (; i < n; ++i) {
+      buffer[i] = static_cast<acc_t>(src[i]);
+    }
     return buffer;
   }
 }
@@ -136,6 +147,10 @@ inline int64_t for_each_vector(int64_t n, const F& vector_step) {
   return i;
 }
 
+// A mean of zero: `centered` leaves x as it is.
+template <typename acc_t>
+struct Zero {};
+
 // The mean enters as hi + lo (two acc_t values whose sum is the double-precision mean), so
 // (x - hi) - lo keeps the low bits that a float mean would drop: with mean 1e4 and std 1e-2
 // those bits are the whole signal.
@@ -147,6 +162,16 @@ inline Vectorized<acc_t> centered(const Vectorized<acc_t>& x, const P& hi, const
 template <typename acc_t, typename P>
 inline acc_t centered(acc_t x, const P& hi, const P& lo, int64_t i) {
   return (x - hi[i]) - lo[i];
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> centered(const Vectorized<acc_t>& x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) {
+  return x;
+}
+
+template <typename acc_t>
+inline acc_t centered(acc_t x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) {
+  return x;
 }
 
 // Σ (x - shift), the shift being a sample of the channel so that the terms are small.
@@ -190,9 +215,9 @@ inline void reduce_dy_dot(
 }
 
 // y = ((x - hi) - lo) · scale + shift: the normalize pass, and (hi = lo = shift = 0) dy · scale.
-template <typename acc_t, typename P>
+template <typename acc_t, typename M, typename P>
 inline void affine(
-    const acc_t* x, acc_t* y, int64_t n, const P& hi, const P& lo, const P& scale, const P& shift) {
+    const acc_t* x, acc_t* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {

@@ -62,22 +62,6 @@ struct Moments {
   }
 };
 
-// Exact two-pass moments of one chunk, which stays in L1 between its passes: a sum shifted by
-// the chunk's first value (so the terms are small), then Σ(x - mean)².
-template <typename acc_t>
-Moments chunk_moments(const acc_t* x, int64_t n) {
-  RunTotal<acc_t> sum;
-  reduce_shifted(x, n, Uniform<acc_t>{x[0]}, sum);
-  Moments m;
-  m.count = static_cast<double>(n);
-  m.mean = static_cast<double>(x[0]) + static_cast<double>(sum.total()) / m.count;
-  const auto split = split_mean<acc_t>(m.mean);
-  RunTotal<acc_t> sq;
-  reduce_sq_centered(x, n, Uniform<acc_t>{split.hi}, Uniform<acc_t>{split.lo}, sq);
-  m.m2 = static_cast<double>(sq.total());
-  return m;
-}
-
 // Calls f(offset, length) on consecutive pieces of at most kChunk values of [0, n).
 template <typename F>
 void for_each_chunk(int64_t n, const F& f) {
@@ -86,22 +70,88 @@ void for_each_chunk(int64_t n, const F& f) {
   }
 }
 
-// Planar layout: calls f(offset, length) on the chunks of channel c, batch by batch.
-template <typename F>
-void for_each_planar_chunk(const Shape& s, int64_t c, const F& f) {
-  for (const auto b : c10::irange(s.batch)) {
-    const int64_t run = (b * s.channels + c) * s.inner;
-    for_each_chunk(s.inner, [&](int64_t offset, int64_t length) { f(run + offset, length); });
+// How the planar layout (N, C, inner) is cut. Consecutive channels form a group, whose planes
+// are contiguous batch by batch: a group is read in memory order (a channel's planes alone lie
+// a batch stride apart, a few cache lines each when small, and would each cost a memory latency),
+// and is small enough to stay in L2 from the statistics pass to the pass that writes it.
+// A channel's sums run in the accumulation type over chunks of at most kChunk of its values (a
+// piece of one plane, or whole planes of consecutive batches) and are merged in double; the
+// chunks depend on the shape alone, so every channel is computed alike whatever the grouping.
+struct PlanarPlan {
+  // Bytes of input a group may span: a quarter of a 1 MiB L2, leaving room for what is written.
+  static constexpr int64_t kGroupBytes = 256 * 1024;
+  // Groups per thread, so that a thread count that does not divide the groups idles little.
+  static constexpr int64_t kGroupsPerThread = 4;
+
+  const Shape& s;
+  int64_t group;
+
+  // `bytes_per_value`: the input bytes read per value of x (x, or x and dy).
+  PlanarPlan(const Shape& s, int64_t bytes_per_value) : s(s) {
+    const int64_t channel_bytes = std::max<int64_t>(1, s.batch * s.inner * bytes_per_value);
+    const int64_t most = std::max<int64_t>(1, s.channels / (kGroupsPerThread * at::get_num_threads()));
+    group = std::clamp<int64_t>(kGroupBytes / channel_bytes, 1, most);
   }
-}
+
+  int64_t plane(int64_t b, int64_t c) const { return (b * s.channels + c) * s.inner; }
+
+  // Calls f(c0, c1) on every group of channels [c0, c1), in parallel.
+  template <typename F>
+  void for_each_group(const F& f) const {
+    at::parallel_for(0, div_up(s.channels, group), 1, [&](int64_t g0, int64_t g1) {
+      for (const auto g : c10::irange(g0, g1)) {
+        f(g * group, std::min(s.channels, (g + 1) * group));
+      }
+    });
+  }
+
+  // Calls f(b0, b1, offset, length) on the chunks in order: values [offset, offset + length) of
+  // the planes of batches [b0, b1).
+  template <typename F>
+  void for_each_chunk_range(const F& f) const {
+    if (s.inner >= kChunk) {
+      for (const auto b : c10::irange(s.batch)) {
+        for_each_chunk(s.inner, [&](int64_t offset, int64_t length) { f(b, b + 1, offset, length); });
+      }
+      return;
+    }
+    const int64_t planes = kChunk / s.inner;
+    for (int64_t b = 0; b < s.batch; b += planes) {
+      f(b, std::min(s.batch, b + planes), int64_t{0}, s.inner);
+    }
+  }
+
+  // Calls f(c - c0, first, length) on the runs of channels [c0, c1) in one chunk range, in
+  // memory order.
+  template <typename F>
+  void for_each_run(int64_t c0, int64_t c1, int64_t b0, int64_t b1, int64_t offset, int64_t length, const F& f) const {
+    for (const auto b : c10::irange(b0, b1)) {
+      for (const auto c : c10::irange(c0, c1)) {
+        f(c - c0, plane(b, c) + offset, length);
+      }
+    }
+  }
+
+  // for_each_run over every chunk: all of the group's values, in memory order.
+  template <typename F>
+  void for_each_group_run(int64_t c0, int64_t c1, const F& f) const {
+    for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
+      for_each_run(c0, c1, b0, b1, offset, length, f);
+    });
+  }
+};
 
 // Per-channel values in the accumulation type, tiled `group_rows` times for the rows layout so
 // that element i of a group of rows belongs to channel i % C. A null `values` reads as zeros.
 template <typename acc_t>
 std::vector<acc_t> tile(const double* values, int64_t channels, int64_t group_rows) {
-  std::vector<acc_t> tiled(channels * group_rows);
-  for (const auto i : c10::irange(static_cast<int64_t>(tiled.size()))) {
-    tiled[i] = static_cast<acc_t>(values ? values[i % channels] : 0.0);
+  std::vector<acc_t> tiled(channels * group_rows, acc_t(0));
+  if (values) {
+    for (int64_t row = 0; row < channels * group_rows; row += channels) {
+      for (const auto c : c10::irange(channels)) {
+        tiled[row + c] = static_cast<acc_t>(values[c]);
+      }
+    }
   }
   return tiled;
 }
@@ -110,26 +160,47 @@ std::vector<acc_t> tile(const double* values, int64_t channels, int64_t group_ro
 template <typename acc_t>
 struct TiledMean {
   std::vector<acc_t> hi, lo;
-  TiledMean(const double* mean, int64_t channels, int64_t group_rows)
-      : hi(channels * group_rows), lo(channels * group_rows) {
-    for (const auto i : c10::irange(static_cast<int64_t>(hi.size()))) {
-      const auto m = split_mean<acc_t>(mean ? mean[i % channels] : 0.0);
-      hi[i] = m.hi;
-      lo[i] = m.lo;
+  TiledMean(const double* mean, int64_t channels, int64_t group_rows) {
+    std::vector<double> hi_of(channels, 0.0), lo_of(channels, 0.0);
+    for (const auto c : c10::irange(mean ? channels : 0)) {
+      const auto m = split_mean<acc_t>(mean[c]);
+      hi_of[c] = m.hi;
+      lo_of[c] = m.lo;
     }
+    hi = tile<acc_t>(hi_of.data(), channels, group_rows);
+    lo = tile<acc_t>(lo_of.data(), channels, group_rows);
   }
 };
 
-// Per-channel y = ((x - hi) - lo) * scale + shift coefficients.
+// Per-channel y = ((x - hi) - lo) * scale + shift coefficients. Where the mean's share of the
+// output is small, |mean·scale| <= 1 + |shift|, it is folded into the shift (shift - mean·scale,
+// in double) and hi = lo = 0, so that y = x·scale + shift is one multiply-add whose rounding is
+// of the size of the centered form's; `centered` says whether any channel kept its mean.
 template <typename acc_t>
 struct ChannelAffine {
   TiledMean<acc_t> mean;
   std::vector<acc_t> scale, shift;
+  bool centered = false;
+
   ChannelAffine(int64_t channels, int64_t group_rows, const double* mean_of, const double* scale_of,
                 const double* shift_of)
-      : mean(mean_of, channels, group_rows),
-        scale(tile<acc_t>(scale_of, channels, group_rows)),
-        shift(tile<acc_t>(shift_of, channels, group_rows)) {}
+      : mean(nullptr, 0, 0), scale(tile<acc_t>(scale_of, channels, group_rows)) {
+    std::vector<double> kept_mean(channels, 0.0), folded_shift(channels);
+    for (const auto c : c10::irange(channels)) {
+      const double m = mean_of ? mean_of[c] : 0.0;
+      const double k = scale_of ? scale_of[c] : 0.0;
+      const double b = shift_of ? shift_of[c] : 0.0;
+      if (std::abs(m * k) <= 1.0 + std::abs(b)) {
+        folded_shift[c] = b - m * k;
+      } else {
+        kept_mean[c] = m;
+        folded_shift[c] = b;
+        centered = true;
+      }
+    }
+    mean = TiledMean<acc_t>(kept_mean.data(), channels, group_rows);
+    shift = tile<acc_t>(folded_shift.data(), channels, group_rows);
+  }
 };
 
 // How the rows layout is cut: groups of rows processed as one run, blocks of groups reduced
@@ -194,8 +265,8 @@ struct NormalizeWriter {
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), mask(e.mask),
         slope(static_cast<acc_t>(e.slope)), in(kChunk), out(kChunk), residual_in(residual ? kChunk : 0) {}
 
-  template <typename P>
-  void write(int64_t first, int64_t n, const P& hi, const P& lo, const P& scale, const P& shift) {
+  template <typename M, typename P>
+  void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
     acc_t* z = output_chunk(y + first, out.data());
     affine(widen(x + first, in.data(), n), z, n, hi, lo, scale, shift);
     if (residual) {
@@ -243,27 +314,42 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   using acc_t = at::opmath_type<scalar_t>;
   if (s.rows) {
     const RowPlan plan(s);
-    for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
-      NormalizeWriter<scalar_t> writer(x, y, epilogue);
-      const int64_t r0 = block * plan.block_rows;
-      plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
-          [&](int64_t first, int64_t position, int64_t n) {
-            writer.write(first, n, PerChannel<acc_t>{p.mean.hi.data() + position},
-                         PerChannel<acc_t>{p.mean.lo.data() + position}, PerChannel<acc_t>{p.scale.data() + position},
-                         PerChannel<acc_t>{p.shift.data() + position});
-          });
-    });
+    const auto write_rows = [&](const auto& mean_of) {
+      for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
+        NormalizeWriter<scalar_t> writer(x, y, epilogue);
+        const int64_t r0 = block * plan.block_rows;
+        plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
+            [&](int64_t first, int64_t position, int64_t n) {
+              writer.write(first, n, mean_of(p.mean.hi, position), mean_of(p.mean.lo, position),
+                           PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
+            });
+      });
+    };
+    if (p.centered) {
+      write_rows([](const std::vector<acc_t>& v, int64_t position) { return PerChannel<acc_t>{v.data() + position}; });
+    } else {
+      write_rows([](const std::vector<acc_t>&, int64_t) { return Zero<acc_t>{}; });
+    }
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
     NormalizeWriter<scalar_t> writer(x, y, epilogue);
+    // The channel is stepped rather than computed (plane % C): a division per short plane costs
+    // as much as normalizing it.
+    int64_t c = p0 % s.channels;
     for (const auto plane : c10::irange(p0, p1)) {
-      const int64_t c = plane % s.channels;
+      const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
+      const bool plane_centered = p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0);
       for_each_chunk(s.inner, [&](int64_t offset, int64_t n) {
-        writer.write(plane * s.inner + offset, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]},
-                     Uniform<acc_t>{p.scale[c]}, Uniform<acc_t>{p.shift[c]});
+        if (plane_centered) {
+          writer.write(plane * s.inner + offset, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale,
+                       shift);
+        } else {
+          writer.write(plane * s.inner + offset, n, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
+        }
       });
+      c = c + 1 == s.channels ? 0 : c + 1;
     }
   });
 }
@@ -276,37 +362,60 @@ std::vector<double> scale_by_invstd(const Shape& s, const double* weight, const 
   return scale;
 }
 
-// NCHW: each task owns whole channels and runs statistics and normalization back to back, so
-// the normalize pass reads the channel from cache.
+// NCHW: each task owns groups of channels and runs statistics and normalization of a group back
+// to back, so the normalize pass reads the group from cache. Each chunk of a channel gets an
+// exact two-pass mean and M2 (a sum shifted by the chunk's first value, so the terms are small,
+// then Σ(x - mean)²) while it is in cache; the chunks are merged in order with Chan's update.
 template <typename scalar_t>
 void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
                           const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
                           double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const double n = static_cast<double>(s.count());
-  at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<acc_t> in(kChunk);
-    NormalizeWriter<scalar_t> writer(x, y, epilogue);
-    for (const auto c : c10::irange(c0, c1)) {
-      // One read of the channel for its statistics, one (from cache) to normalize it.
-      Moments moments;
-      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        const Moments chunk = chunk_moments(widen(x + first, in.data(), len), len);
-        moments.merge(chunk.count, chunk.mean, chunk.m2);
+  const PlanarPlan plan(s, sizeof(scalar_t));
+  plan.for_each_group([&](int64_t c0, int64_t c1) {
+    const int64_t channels = c1 - c0;
+    std::vector<acc_t> in(kChunk), shift(channels), hi(channels), lo(channels), scale(channels), shift_out(channels);
+    std::vector<RunTotal<acc_t>> totals(channels);
+    std::vector<double> chunk_mean(channels);
+    std::vector<Moments> moments(channels);
+    plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
+      const double count = static_cast<double>((b1 - b0) * length);
+      for (const auto i : c10::irange(channels)) {
+        shift[i] = static_cast<acc_t>(x[plan.plane(b0, c0 + i) + offset]);
+        totals[i] = RunTotal<acc_t>();
+      }
+      plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t n) {
+        reduce_shifted(widen(x + first, in.data(), n), n, Uniform<acc_t>{shift[i]}, totals[i]);
       });
-      const double mean = moments.mean;
-      const double m2 = moments.m2;
-      const auto m = split_mean<acc_t>(mean);
-      const Uniform<acc_t> hi{m.hi}, lo{m.lo};
-      const double invstd = 1.0 / std::sqrt(m2 / n + eps);
-      mean_out[c] = mean;
-      invstd_out[c] = invstd;
-      const Uniform<acc_t> scale{static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd)};
-      const Uniform<acc_t> shift_out{static_cast<acc_t>(bias ? bias[c] : 0.0)};
-      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        writer.write(first, len, hi, lo, scale, shift_out);
+      for (const auto i : c10::irange(channels)) {
+        chunk_mean[i] = static_cast<double>(shift[i]) + static_cast<double>(totals[i].total()) / count;
+        const auto m = split_mean<acc_t>(chunk_mean[i]);
+        hi[i] = m.hi;
+        lo[i] = m.lo;
+        totals[i] = RunTotal<acc_t>();
+      }
+      plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t n) {
+        reduce_sq_centered(widen(x + first, in.data(), n), n, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, totals[i]);
       });
+      for (const auto i : c10::irange(channels)) {
+        moments[i].merge(count, chunk_mean[i], static_cast<double>(totals[i].total()));
+      }
+    });
+    for (const auto i : c10::irange(channels)) {
+      const int64_t c = c0 + i;
+      mean_out[c] = moments[i].mean;
+      invstd_out[c] = 1.0 / std::sqrt(moments[i].m2 / moments[i].count + eps);
+      const auto m = split_mean<acc_t>(mean_out[c]);
+      hi[i] = m.hi;
+      lo[i] = m.lo;
+      scale[i] = static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd_out[c]);
+      shift_out[i] = static_cast<acc_t>(bias ? bias[c] : 0.0);
     }
+    NormalizeWriter<scalar_t> writer(x, y, epilogue);
+    plan.for_each_group_run(c0, c1, [&](int64_t i, int64_t first, int64_t n) {
+      writer.write(first, n, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, Uniform<acc_t>{scale[i]},
+                   Uniform<acc_t>{shift_out[i]});
+    });
   });
 }
 
@@ -399,38 +508,52 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                      const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(s.count());
-  at::parallel_for(0, s.channels, 1, [&](int64_t c0, int64_t c1) {
+  const PlanarPlan plan(s, 2 * sizeof(scalar_t));
+  plan.for_each_group([&](int64_t c0, int64_t c1) {
+    const int64_t channels = c1 - c0;
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> x_in(kChunk), out(kChunk);
-    for (const auto c : c10::irange(c0, c1)) {
-      const auto m = split_mean<acc_t>(mean[c]);
-      const Uniform<acc_t> hi{m.hi}, lo{m.lo};
-      double sum = 0, dot = 0;
-      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        RunTotal<acc_t> sum_total, dot_total;
-        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), widen(x + first, x_in.data(), len), len,
-                      hi, lo, sum_total, dot_total);
-        sum += sum_total.total();
-        dot += dot_total.total();
-      });
-      sum_dy[c] = sum;
-      sum_dy_xmu[c] = dot;
-      if (!dx) {
-        continue;
-      }
-      const auto k = grad_coefficients(training, weight ? weight[c] : 1.0, invstd[c], sum, dot, n);
-      const Uniform<acc_t> k1{static_cast<acc_t>(k.k1)}, k2{static_cast<acc_t>(k.k2)}, k3{static_cast<acc_t>(k.k3)};
-      for_each_planar_chunk(s, c, [&](int64_t first, int64_t len) {
-        acc_t* dx_chunk = output_chunk(dx + first, out.data());
-        const acc_t* dz = grad.read(first, len, /*store_residual_grad=*/false);
-        if (training) {
-          grad_input(dz, widen(x + first, x_in.data(), len), dx_chunk, len, hi, lo, k1, k2, k3);
-        } else {
-          scale_by(dz, dx_chunk, len, k1);
-        }
-        narrow(dx_chunk, dx + first, len);
-      });
+    std::vector<acc_t> x_in(kChunk), out(kChunk), hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
+    std::vector<RunTotal<acc_t>> sum_totals(channels), dot_totals(channels);
+    for (const auto i : c10::irange(channels)) {
+      const auto m = split_mean<acc_t>(mean[c0 + i]);
+      hi[i] = m.hi;
+      lo[i] = m.lo;
+      sum_dy[c0 + i] = 0;
+      sum_dy_xmu[c0 + i] = 0;
     }
+    plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
+      plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
+        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), widen(x + first, x_in.data(), len), len,
+                      Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i], dot_totals[i]);
+      });
+      for (const auto i : c10::irange(channels)) {
+        sum_dy[c0 + i] += sum_totals[i].total();
+        sum_dy_xmu[c0 + i] += dot_totals[i].total();
+        sum_totals[i] = RunTotal<acc_t>();
+        dot_totals[i] = RunTotal<acc_t>();
+      }
+    });
+    if (!dx) {
+      return;
+    }
+    for (const auto i : c10::irange(channels)) {
+      const int64_t c = c0 + i;
+      const auto k = grad_coefficients(training, weight ? weight[c] : 1.0, invstd[c], sum_dy[c], sum_dy_xmu[c], n);
+      k1[i] = static_cast<acc_t>(k.k1);
+      k2[i] = static_cast<acc_t>(k.k2);
+      k3[i] = static_cast<acc_t>(k.k3);
+    }
+    plan.for_each_group_run(c0, c1, [&](int64_t i, int64_t first, int64_t len) {
+      acc_t* dx_chunk = output_chunk(dx + first, out.data());
+      const acc_t* dz = grad.read(first, len, /*store_residual_grad=*/false);
+      if (training) {
+        grad_input(dz, widen(x + first, x_in.data(), len), dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
+                   Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
+      } else {
+        scale_by(dz, dx_chunk, len, Uniform<acc_t>{k1[i]});
+      }
+      narrow(dx_chunk, dx + first, len);
+    });
   });
 }
 

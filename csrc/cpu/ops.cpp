@@ -8,6 +8,7 @@
 #include "kernels.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -34,12 +35,21 @@ at::ScalarType stats_type(const at::Tensor& input) {
   return at::toOpMathType(input.scalar_type());
 }
 
+// Per-channel tensors are read and written element by element rather than with ATen ops
+// (to(kDouble), at::tensor): they are O(C), and an op's dispatch costs more than the copy.
 std::vector<double> channel_values(const std::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) {
     return {};
   }
-  const at::Tensor values = t->detach().to(at::kDouble).contiguous();
-  return {values.const_data_ptr<double>(), values.const_data_ptr<double>() + values.numel()};
+  const at::Tensor values = t->contiguous();
+  std::vector<double> out(values.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "torch_bn_channel_values", [&] {
+    const auto* data = values.const_data_ptr<scalar_t>();
+    for (const auto c : c10::irange(values.numel())) {
+      out[c] = static_cast<double>(data[c]);
+    }
+  });
+  return out;
 }
 
 const double* data_or_null(const std::vector<double>& v) {
@@ -47,7 +57,14 @@ const double* data_or_null(const std::vector<double>& v) {
 }
 
 at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dtype) {
-  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+  at::Tensor out = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "torch_bn_to_tensor", [&] {
+    auto* data = out.mutable_data_ptr<scalar_t>();
+    for (const auto c : c10::irange(out.numel())) {
+      data[c] = static_cast<scalar_t>(v[c]);
+    }
+  });
+  return out;
 }
 
 at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
