@@ -40,6 +40,12 @@ inline const acc_t* widen(const scalar_t* src, acc_t* buffer, int64_t n) {
   }
 }
 
+// Values a buffer for widen() or output_chunk() needs: none where the values are used in place.
+template <typename scalar_t, typename acc_t>
+constexpr int64_t chunk_buffer_size() {
+  return std::is_same_v<scalar_t, acc_t> ? 0 : kChunk;
+}
+
 template <typename scalar_t, typename acc_t>
 inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -63,6 +69,20 @@ inline void store(const acc_t* chunk, scalar_t* dst, int64_t n) {
     std::copy_n(chunk, n, dst);
   } else {
     at::vec::convert(chunk, dst, n);
+  }
+}
+
+// One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
+// as many narrow values, widened in registers. The loops read x this way, so that reduced
+// precision input is not widened into a buffer first.
+template <typename acc_t, typename T>
+inline Vectorized<acc_t> load(const T* src) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vectorized<acc_t>::loadu(src);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_to_float(src, v);
+    return v;
   }
 }
 
@@ -175,56 +195,55 @@ inline acc_t centered(acc_t x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) 
 }
 
 // Σ (x - shift), the shift being a sample of the channel so that the terms are small.
-template <typename acc_t, typename P, typename Out>
-inline void reduce_shifted(const acc_t* x, int64_t n, const P& shift, Out& out) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { out.add(slot, j, Vec::loadu(x + j) - shift.vec(j)); });
+template <typename acc_t, typename T, typename P, typename Out>
+inline void reduce_shifted(const T* x, int64_t n, const P& shift, Out& out) {
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { out.add(slot, j, load<acc_t>(x + j) - shift.vec(j)); });
   for (; i < n; ++i) {
-    out.add(i, acc_t(x[i] - shift[i]));
+    out.add(i, acc_t(static_cast<acc_t>(x[i]) - shift[i]));
   }
 }
 
 // Σ ((x - hi) - lo)², the second pass of a two-pass variance.
-template <typename acc_t, typename P, typename Out>
-inline void reduce_sq_centered(const acc_t* x, int64_t n, const P& hi, const P& lo, Out& out) {
+template <typename acc_t, typename T, typename P, typename Out>
+inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, Out& out) {
   using Vec = Vectorized<acc_t>;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    const Vec d = centered(Vec::loadu(x + j), hi, lo, j);
+    const Vec d = centered(load<acc_t>(x + j), hi, lo, j);
     out.add(slot, j, d * d);
   });
   for (; i < n; ++i) {
-    const acc_t d = centered(x[i], hi, lo, i);
+    const acc_t d = centered(static_cast<acc_t>(x[i]), hi, lo, i);
     out.add(i, acc_t(d * d));
   }
 }
 
 // Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy.
-template <typename acc_t, typename P, typename Out>
+template <typename acc_t, typename T, typename P, typename Out>
 inline void reduce_dy_dot(
-    const acc_t* dy, const acc_t* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
+    const acc_t* dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
   using Vec = Vectorized<acc_t>;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
     const Vec g = Vec::loadu(dy + j);
     sum.add(slot, j, g);
-    dot.add(slot, j, g * centered(Vec::loadu(x + j), hi, lo, j));
+    dot.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
   });
   for (; i < n; ++i) {
     sum.add(i, dy[i]);
-    dot.add(i, acc_t(dy[i] * centered(x[i], hi, lo, i)));
+    dot.add(i, acc_t(dy[i] * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
   }
 }
 
 // y = ((x - hi) - lo) · scale + shift: the normalize pass, and (hi = lo = shift = 0) dy · scale.
-template <typename acc_t, typename M, typename P>
+template <typename acc_t, typename T, typename M, typename P>
 inline void affine(
-    const acc_t* x, acc_t* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
+    const T* x, acc_t* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::fmadd(centered(Vec::loadu(x + i), hi, lo, i), scale.vec(i), shift.vec(i)).store(y + i);
+    at::vec::fmadd(centered(load<acc_t>(x + i), hi, lo, i), scale.vec(i), shift.vec(i)).store(y + i);
   }
   for (; i < n; ++i) {
-    y[i] = centered(x[i], hi, lo, i) * scale[i] + shift[i];
+    y[i] = centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i];
   }
 }
 
@@ -244,10 +263,10 @@ inline void scale_by(const acc_t* dy, acc_t* dx, int64_t n, const P& k) {
 
 // Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
-template <typename acc_t, typename P>
+template <typename acc_t, typename T, typename P>
 inline void grad_input(
     const acc_t* dy,
-    const acc_t* x,
+    const T* x,
     acc_t* dx,
     int64_t n,
     const P& hi,
@@ -258,11 +277,11 @@ inline void grad_input(
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = centered(Vec::loadu(x + i), hi, lo, i);
+    const Vec d = centered(load<acc_t>(x + i), hi, lo, i);
     (Vec::loadu(dy + i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
   }
   for (; i < n; ++i) {
-    dx[i] = dy[i] * k1[i] - centered(x[i], hi, lo, i) * k2[i] - k3[i];
+    dx[i] = dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
   }
 }
 

@@ -259,16 +259,17 @@ struct NormalizeWriter {
   const scalar_t* residual;
   uint8_t* mask;
   acc_t slope;
-  std::vector<acc_t> in, out, residual_in;
+  std::vector<acc_t> out, residual_in;
 
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Epilogue& e)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), mask(e.mask),
-        slope(static_cast<acc_t>(e.slope)), in(kChunk), out(kChunk), residual_in(residual ? kChunk : 0) {}
+        slope(static_cast<acc_t>(e.slope)), out(chunk_buffer_size<scalar_t, acc_t>()),
+        residual_in(residual ? chunk_buffer_size<scalar_t, acc_t>() : 0) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
     acc_t* z = output_chunk(y + first, out.data());
-    affine(widen(x + first, in.data(), n), z, n, hi, lo, scale, shift);
+    affine(x + first, z, n, hi, lo, scale, shift);
     if (residual) {
       add_into(z, widen(residual + first, residual_in.data(), n), n);
     }
@@ -293,7 +294,8 @@ struct GradReader {
 
   GradReader(const scalar_t* dy, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
-        grad_residual(static_cast<scalar_t*>(p.grad_residual)), in(kChunk), gated(mask ? kChunk : 0) {}
+        grad_residual(static_cast<scalar_t*>(p.grad_residual)), in(chunk_buffer_size<scalar_t, acc_t>()),
+        gated(mask ? kChunk : 0) {}
 
   const acc_t* read(int64_t first, int64_t n, bool store_residual_grad) {
     const acc_t* dz = widen(dy + first, in.data(), n);
@@ -374,7 +376,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
   const PlanarPlan plan(s, sizeof(scalar_t));
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
-    std::vector<acc_t> in(kChunk), shift(channels), hi(channels), lo(channels), scale(channels), shift_out(channels);
+    std::vector<acc_t> shift(channels), hi(channels), lo(channels), scale(channels), shift_out(channels);
     std::vector<RunTotal<acc_t>> totals(channels);
     std::vector<double> chunk_mean(channels);
     std::vector<Moments> moments(channels);
@@ -385,7 +387,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
         totals[i] = RunTotal<acc_t>();
       }
       plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t n) {
-        reduce_shifted(widen(x + first, in.data(), n), n, Uniform<acc_t>{shift[i]}, totals[i]);
+        reduce_shifted<acc_t>(x + first, n, Uniform<acc_t>{shift[i]}, totals[i]);
       });
       for (const auto i : c10::irange(channels)) {
         chunk_mean[i] = static_cast<double>(shift[i]) + static_cast<double>(totals[i].total()) / count;
@@ -395,7 +397,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
         totals[i] = RunTotal<acc_t>();
       }
       plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t n) {
-        reduce_sq_centered(widen(x + first, in.data(), n), n, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, totals[i]);
+        reduce_sq_centered<acc_t>(x + first, n, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, totals[i]);
       });
       for (const auto i : c10::irange(channels)) {
         moments[i].merge(count, chunk_mean[i], static_cast<double>(totals[i].total()));
@@ -436,7 +438,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
   }
   std::vector<double> block_mean(plan.num_blocks * C), block_m2(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
-    std::vector<acc_t> in(kChunk), totals(tiled), hi(tiled), lo(tiled);
+    std::vector<acc_t> totals(tiled), hi(tiled), lo(tiled);
     std::vector<double> folded(C);
     {
       const int64_t r0 = block * plan.block_rows;
@@ -446,7 +448,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
       std::fill(totals.begin(), totals.end(), acc_t(0));
       plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
         ChannelTotals<acc_t> out{totals.data() + position};
-        reduce_shifted(widen(x + first, in.data(), n), n, PerChannel<acc_t>{first_row.data() + position}, out);
+        reduce_shifted<acc_t>(x + first, n, PerChannel<acc_t>{first_row.data() + position}, out);
       });
       fold_groups(totals, C, folded.data());
       for (const auto c : c10::irange(C)) {
@@ -464,7 +466,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
       std::fill(totals.begin(), totals.end(), acc_t(0));
       plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
         ChannelTotals<acc_t> out{totals.data() + position};
-        reduce_sq_centered(widen(x + first, in.data(), n), n, PerChannel<acc_t>{hi.data() + position},
+        reduce_sq_centered<acc_t>(x + first, n, PerChannel<acc_t>{hi.data() + position},
                            PerChannel<acc_t>{lo.data() + position}, out);
       });
       fold_groups(totals, C, block_m2.data() + block * C);
@@ -512,7 +514,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> x_in(kChunk), out(kChunk), hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
+    std::vector<acc_t> out(chunk_buffer_size<scalar_t, acc_t>()), hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
     std::vector<RunTotal<acc_t>> sum_totals(channels), dot_totals(channels);
     for (const auto i : c10::irange(channels)) {
       const auto m = split_mean<acc_t>(mean[c0 + i]);
@@ -523,7 +525,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
       plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
-        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), widen(x + first, x_in.data(), len), len,
+        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), x + first, len,
                       Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i], dot_totals[i]);
       });
       for (const auto i : c10::irange(channels)) {
@@ -547,7 +549,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       acc_t* dx_chunk = output_chunk(dx + first, out.data());
       const acc_t* dz = grad.read(first, len, /*store_residual_grad=*/false);
       if (training) {
-        grad_input(dz, widen(x + first, x_in.data(), len), dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
+        grad_input(dz, x + first, dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
                    Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
       } else {
         scale_by(dz, dx_chunk, len, Uniform<acc_t>{k1[i]});
@@ -569,7 +571,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> x_in(kChunk), sums(tiled), dots(tiled);
+    std::vector<acc_t> sums(tiled), dots(tiled);
     {
       const int64_t r0 = block * plan.block_rows;
       std::fill(sums.begin(), sums.end(), acc_t(0));
@@ -577,7 +579,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
       plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
             ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
-            reduce_dy_dot(grad.read(first, n, /*store_residual_grad=*/true), widen(x + first, x_in.data(), n), n,
+            reduce_dy_dot(grad.read(first, n, /*store_residual_grad=*/true), x + first, n,
                           PerChannel<acc_t>{centering.hi.data() + position},
                           PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
           });
@@ -610,14 +612,14 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> x_in(kChunk), out(kChunk);
+    std::vector<acc_t> out(chunk_buffer_size<scalar_t, acc_t>());
     const int64_t r0 = block * plan.block_rows;
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
           const acc_t* dz = grad.read(first, n, /*store_residual_grad=*/false);
           if (training) {
-            grad_input(dz, widen(x + first, x_in.data(), n), dx_chunk, n,
+            grad_input(dz, x + first, dx_chunk, n,
                        PerChannel<acc_t>{centering.hi.data() + position},
                        PerChannel<acc_t>{centering.lo.data() + position},
                        PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
