@@ -1,5 +1,5 @@
 // The running-statistics update, shared by every backend: it is O(C) work written with ATen
-// tensor ops, which run wherever the tensors live.
+// tensor ops, which run wherever the tensors live, and as a plain loop for CPU tensors.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <optional>

@@ -247,6 +247,25 @@ inline void affine(
   }
 }
 
+// affine() for a half or bfloat16 output: two vectors at a time, narrowed in registers (rounded
+// to nearest even, as c10's conversion does) and stored, instead of through a float buffer.
+template <typename acc_t, typename T, typename M, typename P>
+inline void affine_narrow(
+    const T* x, T* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec low = at::vec::fmadd(centered(load<acc_t>(x + i), hi, lo, i), scale.vec(i), shift.vec(i));
+    const Vec high =
+        at::vec::fmadd(centered(load<acc_t>(x + i + V), hi, lo, i + V), scale.vec(i + V), shift.vec(i + V));
+    at::vec::convert_from_float<T>(low, high).store(y + i);
+  }
+  for (; i < n; ++i) {
+    y[i] = static_cast<T>(centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i]);
+  }
+}
+
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
 template <typename acc_t, typename P>

@@ -268,6 +268,12 @@ struct NormalizeWriter {
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      if (!residual && !mask) {
+        affine_narrow<acc_t>(x + first, y + first, n, hi, lo, scale, shift);
+        return;
+      }
+    }
     acc_t* z = output_chunk(y + first, out.data());
     affine(x + first, z, n, hi, lo, scale, shift);
     if (residual) {

@@ -5,10 +5,10 @@
 #include "../op_checks.h"
 #include "../plain_ops.h"
 #include "../running_stats.h"
+#include "channel_values.h"
 #include "kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -30,41 +30,16 @@ bool cpu_has_avx2() {
 
 namespace {
 
+using cpu::channel_values;
+using cpu::to_tensor;
+
 // Statistics are float32 for reduced-precision and float32 input, float64 for float64.
 at::ScalarType stats_type(const at::Tensor& input) {
   return at::toOpMathType(input.scalar_type());
 }
 
-// Per-channel tensors are read and written element by element rather than with ATen ops
-// (to(kDouble), at::tensor): they are O(C), and an op's dispatch costs more than the copy.
-std::vector<double> channel_values(const std::optional<at::Tensor>& t) {
-  if (!t.has_value() || !t->defined()) {
-    return {};
-  }
-  const at::Tensor values = t->contiguous();
-  std::vector<double> out(values.numel());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "torch_bn_channel_values", [&] {
-    const auto* data = values.const_data_ptr<scalar_t>();
-    for (const auto c : c10::irange(values.numel())) {
-      out[c] = static_cast<double>(data[c]);
-    }
-  });
-  return out;
-}
-
 const double* data_or_null(const std::vector<double>& v) {
   return v.empty() ? nullptr : v.data();
-}
-
-at::Tensor to_tensor(const std::vector<double>& v, at::ScalarType dtype) {
-  at::Tensor out = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "torch_bn_to_tensor", [&] {
-    auto* data = out.mutable_data_ptr<scalar_t>();
-    for (const auto c : c10::irange(out.numel())) {
-      data[c] = static_cast<scalar_t>(v[c]);
-    }
-  });
-  return out;
 }
 
 at::Tensor new_mask(const at::Tensor& x, const ActivationSpec& activation) {
