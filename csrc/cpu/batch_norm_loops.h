@@ -218,18 +218,18 @@ inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, 
 }
 
 // Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy.
-template <typename acc_t, typename T, typename P, typename Out>
-inline void reduce_dy_dot(
-    const acc_t* dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
+template <typename acc_t, typename D, typename T, typename P, typename Out>
+inline void reduce_dy_dot(const D* dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
   using Vec = Vectorized<acc_t>;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    const Vec g = Vec::loadu(dy + j);
+    const Vec g = load<acc_t>(dy + j);
     sum.add(slot, j, g);
     dot.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
   });
   for (; i < n; ++i) {
-    sum.add(i, dy[i]);
-    dot.add(i, acc_t(dy[i] * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    sum.add(i, g);
+    dot.add(i, acc_t(g * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
   }
 }
 
@@ -268,23 +268,23 @@ inline void affine_narrow(
 
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
-template <typename acc_t, typename P>
-inline void scale_by(const acc_t* dy, acc_t* dx, int64_t n, const P& k) {
+template <typename acc_t, typename D, typename P>
+inline void scale_by(const D* dy, acc_t* dx, int64_t n, const P& k) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    (Vec::loadu(dy + i) * k.vec(i)).store(dx + i);
+    (load<acc_t>(dy + i) * k.vec(i)).store(dx + i);
   }
   for (; i < n; ++i) {
-    dx[i] = dy[i] * k[i];
+    dx[i] = static_cast<acc_t>(dy[i]) * k[i];
   }
 }
 
 // Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
-template <typename acc_t, typename T, typename P>
+template <typename acc_t, typename D, typename T, typename P>
 inline void grad_input(
-    const acc_t* dy,
+    const D* dy,
     const T* x,
     acc_t* dx,
     int64_t n,
@@ -297,10 +297,10 @@ inline void grad_input(
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec d = centered(load<acc_t>(x + i), hi, lo, i);
-    (Vec::loadu(dy + i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
+    (load<acc_t>(dy + i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
   }
   for (; i < n; ++i) {
-    dx[i] = dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
+    dx[i] = static_cast<acc_t>(dy[i]) * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
   }
 }
 

@@ -303,16 +303,24 @@ struct GradReader {
         grad_residual(static_cast<scalar_t*>(p.grad_residual)), in(chunk_buffer_size<scalar_t, acc_t>()),
         gated(mask ? kChunk : 0) {}
 
-  const acc_t* read(int64_t first, int64_t n, bool store_residual_grad) {
+  // Calls use(dz) with the run's dz: dy itself when there is nothing to gate or store (read in
+  // registers by the loops, whatever its dtype), else a widened, gated chunk.
+  template <typename F>
+  void read(int64_t first, int64_t n, bool store_residual_grad, const F& use) {
+    const bool stores = store_residual_grad && grad_residual;
+    if (!mask && !stores) {
+      use(dy + first);
+      return;
+    }
     const acc_t* dz = widen(dy + first, in.data(), n);
     if (mask) {
       gate_by_sign_bits(gated.data(), dz, mask, first, n, slope);
       dz = gated.data();
     }
-    if (store_residual_grad && grad_residual) {
+    if (stores) {
       store(dz, grad_residual + first, n);
     }
-    return dz;
+    use(dz);
   }
 };
 
@@ -531,8 +539,10 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
       plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
-        reduce_dy_dot(grad.read(first, len, /*store_residual_grad=*/true), x + first, len,
-                      Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i], dot_totals[i]);
+        grad.read(first, len, /*store_residual_grad=*/true, [&](const auto* dz) {
+          reduce_dy_dot<acc_t>(dz, x + first, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i],
+                               dot_totals[i]);
+        });
       });
       for (const auto i : c10::irange(channels)) {
         sum_dy[c0 + i] += sum_totals[i].total();
@@ -553,13 +563,14 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     plan.for_each_group_run(c0, c1, [&](int64_t i, int64_t first, int64_t len) {
       acc_t* dx_chunk = output_chunk(dx + first, out.data());
-      const acc_t* dz = grad.read(first, len, /*store_residual_grad=*/false);
-      if (training) {
-        grad_input(dz, x + first, dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
-                   Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
-      } else {
-        scale_by(dz, dx_chunk, len, Uniform<acc_t>{k1[i]});
-      }
+      grad.read(first, len, /*store_residual_grad=*/false, [&](const auto* dz) {
+        if (training) {
+          grad_input<acc_t>(dz, x + first, dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
+                            Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
+        } else {
+          scale_by<acc_t>(dz, dx_chunk, len, Uniform<acc_t>{k1[i]});
+        }
+      });
       narrow(dx_chunk, dx + first, len);
     });
   });
@@ -585,9 +596,10 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
       plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
             ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
-            reduce_dy_dot(grad.read(first, n, /*store_residual_grad=*/true), x + first, n,
-                          PerChannel<acc_t>{centering.hi.data() + position},
-                          PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
+            grad.read(first, n, /*store_residual_grad=*/true, [&](const auto* dz) {
+              reduce_dy_dot<acc_t>(dz, x + first, n, PerChannel<acc_t>{centering.hi.data() + position},
+                                   PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
+            });
           });
       fold_groups(sums, C, block_sum.data() + block * C);
       fold_groups(dots, C, block_dot.data() + block * C);
@@ -623,16 +635,16 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
-          const acc_t* dz = grad.read(first, n, /*store_residual_grad=*/false);
-          if (training) {
-            grad_input(dz, x + first, dx_chunk, n,
-                       PerChannel<acc_t>{centering.hi.data() + position},
-                       PerChannel<acc_t>{centering.lo.data() + position},
-                       PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
-                       PerChannel<acc_t>{k3.data() + position});
-          } else {
-            scale_by(dz, dx_chunk, n, PerChannel<acc_t>{k1.data() + position});
-          }
+          grad.read(first, n, /*store_residual_grad=*/false, [&](const auto* dz) {
+            if (training) {
+              grad_input<acc_t>(dz, x + first, dx_chunk, n, PerChannel<acc_t>{centering.hi.data() + position},
+                                PerChannel<acc_t>{centering.lo.data() + position},
+                                PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
+                                PerChannel<acc_t>{k3.data() + position});
+            } else {
+              scale_by<acc_t>(dz, dx_chunk, n, PerChannel<acc_t>{k1.data() + position});
+            }
+          });
           narrow(dx_chunk, dx + first, n);
         });
   });
