@@ -3,9 +3,10 @@
 //
 // Numerics: statistics are two-pass (a shifted sum for the mean, then Σ(x - mean)²), summed in
 // the accumulation type over chunks of at most kChunk values and in double across chunks, so
-// neither a large mean nor a long reduction costs precision. Work is split into pieces whose
-// boundaries depend on the shape alone, never on the thread count, and partial results are
-// combined in a fixed order: the same input gives bitwise the same output on every run.
+// neither a large mean nor a long reduction costs precision. The pieces a value is summed in
+// depend on the shape alone, never on the thread count (threads only decide which task handles
+// a piece), and partial results are combined in a fixed order: the same input gives bitwise the
+// same output on every run and with any number of threads.
 #pragma once
 #include "../activation.h"
 #include "batch_norm_loops.h"
