@@ -13,7 +13,7 @@ namespace torch_bn {
 namespace {
 
 // The update below as a loop over channels, for CPU tensors: each ATen op's dispatch costs more
-// than the whole update of a small layer. Same formulas, in the same order, in double.
+// than the whole update of a small layer. The same formulas, in double.
 void blend_on_cpu(
     const at::Tensor& running_mean,
     const at::Tensor& running_var,
