@@ -19,19 +19,31 @@ using at::vec::Vectorized;
 // from half/bfloat16 stays in L1 while it is used.
 constexpr int64_t kChunk = 4096;
 
+// One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
+// as many narrow values, widened in registers. The loops read x this way, so that reduced
+// precision input is not widened into a buffer first.
+template <typename acc_t, typename T>
+inline Vectorized<acc_t> load(const T* src) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vectorized<acc_t>::loadu(src);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_to_float(src, v);
+    return v;
+  }
+}
+
 // float and double are used in place; half and bfloat16 are widened to float a chunk at a time,
-// a vector at a time (at::vec::convert widens them one value at a time).
+// a vector at a time with `load` (at::vec::convert widens them one value at a time).
 template <typename scalar_t, typename acc_t>
 inline const acc_t* widen(const scalar_t* src, acc_t* buffer, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    using Vec = Vectorized<scalar_t>;
+    using Vec = Vectorized<acc_t>;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const auto [low, high] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + i));
-      low.store(buffer + i);
-      high.store(buffer + i + Vectorized<acc_t>::size());
+      load<acc_t>(src + i).store(buffer + i);
     }
     for (; i < n; ++i) {
       buffer[i] = static_cast<acc_t>(src[i]);
@@ -69,20 +81,6 @@ inline void store(const acc_t* chunk, scalar_t* dst, int64_t n) {
     std::copy_n(chunk, n, dst);
   } else {
     at::vec::convert(chunk, dst, n);
-  }
-}
-
-// One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
-// as many narrow values, widened in registers. The loops read x this way, so that reduced
-// precision input is not widened into a buffer first.
-template <typename acc_t, typename T>
-inline Vectorized<acc_t> load(const T* src) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return Vectorized<acc_t>::loadu(src);
-  } else {
-    Vectorized<float> v;
-    at::vec::load_to_float(src, v);
-    return v;
   }
 }
 
