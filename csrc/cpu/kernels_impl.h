@@ -173,35 +173,48 @@ struct TiledMean {
   }
 };
 
-// Per-channel y = ((x - hi) - lo) * scale + shift coefficients. Where the mean's share of the
-// output is small, |mean·scale| <= 1 + |shift|, it is folded into the shift (shift - mean·scale,
-// in double) and hi = lo = 0, so that y = x·scale + shift is one multiply-add whose rounding is
-// of the size of the centered form's; `centered` says whether any channel kept its mean.
-template <typename acc_t>
-struct ChannelAffine {
-  TiledMean<acc_t> mean;
-  std::vector<acc_t> scale, shift;
+// The per-channel mean and shift of y = (x - mean) * scale + shift, with the mean folded into the
+// shift where its share of the output is small, |mean·scale| <= 1 + |shift|: shift - mean·scale
+// (in double) and a mean of 0, so that y = x·scale + shift is one multiply-add whose rounding is
+// of the size of the centered form's. `centered` says whether any channel kept its mean.
+struct FoldedMeans {
+  std::vector<double> mean, shift;
   bool centered = false;
 
-  ChannelAffine(int64_t channels, int64_t group_rows, const double* mean_of, const double* scale_of,
-                const double* shift_of)
-      : mean(nullptr, 0, 0), scale(tile<acc_t>(scale_of, channels, group_rows)) {
-    std::vector<double> kept_mean(channels, 0.0), folded_shift(channels);
+  FoldedMeans(int64_t channels, const double* mean_of, const double* scale_of, const double* shift_of)
+      : mean(channels, 0.0), shift(channels) {
     for (const auto c : c10::irange(channels)) {
       const double m = mean_of ? mean_of[c] : 0.0;
       const double k = scale_of ? scale_of[c] : 0.0;
       const double b = shift_of ? shift_of[c] : 0.0;
       if (std::abs(m * k) <= 1.0 + std::abs(b)) {
-        folded_shift[c] = b - m * k;
+        shift[c] = b - m * k;
       } else {
-        kept_mean[c] = m;
-        folded_shift[c] = b;
+        mean[c] = m;
+        shift[c] = b;
         centered = true;
       }
     }
-    mean = TiledMean<acc_t>(kept_mean.data(), channels, group_rows);
-    shift = tile<acc_t>(folded_shift.data(), channels, group_rows);
   }
+};
+
+// Per-channel y = ((x - hi) - lo) * scale + shift coefficients, the mean folded (FoldedMeans).
+template <typename acc_t>
+struct ChannelAffine {
+  TiledMean<acc_t> mean;
+  std::vector<acc_t> scale, shift;
+  bool centered;
+
+  ChannelAffine(int64_t channels, int64_t group_rows, const double* mean_of, const double* scale_of,
+                const double* shift_of)
+      : ChannelAffine(channels, group_rows, scale_of, FoldedMeans(channels, mean_of, scale_of, shift_of)) {}
+
+ private:
+  ChannelAffine(int64_t channels, int64_t group_rows, const double* scale_of, const FoldedMeans& folded)
+      : mean(folded.mean.data(), channels, group_rows),
+        scale(tile<acc_t>(scale_of, channels, group_rows)),
+        shift(tile<acc_t>(folded.shift.data(), channels, group_rows)),
+        centered(folded.centered) {}
 };
 
 // How the rows layout is cut: groups of rows processed as one run, blocks of groups reduced
