@@ -33,26 +33,7 @@ inline Vectorized<acc_t> load(const T* src) {
   }
 }
 
-// float and double are used in place; half and bfloat16 are widened to float a chunk at a time,
-// a vector at a time with `load` (at::vec::convert widens them one value at a time).
-template <typename scalar_t, typename acc_t>
-inline const acc_t* widen(const scalar_t* src, acc_t* buffer, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    using Vec = Vectorized<acc_t>;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      load<acc_t>(src + i).store(buffer + i);
-    }
-    for (; i < n; ++i) {
-      buffer[i] = static_cast<acc_t>(src[i]);
-    }
-    return buffer;
-  }
-}
-
-// Values a buffer for widen() or output_chunk() needs: none where the values are used in place.
+// Values a buffer for output_chunk() needs: none where the values are used in place.
 template <typename scalar_t, typename acc_t>
 constexpr int64_t chunk_buffer_size() {
   return std::is_same_v<scalar_t, acc_t> ? 0 : kChunk;
@@ -67,20 +48,21 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
   }
 }
 
+// Writes a chunk computed in the accumulation type to its half or bfloat16 destination, two
+// vectors at a time narrowed in registers (at::vec::convert narrows one value at a time);
+// a no-op where the chunk is the destination.
 template <typename scalar_t, typename acc_t>
 inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    at::vec::convert(chunk, dst, n);
-  }
-}
-
-// Writes a chunk computed in the accumulation type to its destination.
-template <typename scalar_t, typename acc_t>
-inline void store(const acc_t* chunk, scalar_t* dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    std::copy_n(chunk, n, dst);
-  } else {
-    at::vec::convert(chunk, dst, n);
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t V = Vec::size();
+    int64_t i = 0;
+    for (; i + 2 * V <= n; i += 2 * V) {
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(chunk + i), Vec::loadu(chunk + i + V)).store(dst + i);
+    }
+    for (; i < n; ++i) {
+      dst[i] = static_cast<scalar_t>(chunk[i]);
+    }
   }
 }
 
@@ -215,66 +197,34 @@ inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, 
   }
 }
 
-// Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy.
+// Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy. `dy` is a
+// source (Values, SignGated): dy[i] and dy.vec(i) are its values in the accumulation type.
 template <typename acc_t, typename D, typename T, typename P, typename Out>
-inline void reduce_dy_dot(const D* dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
+inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
   using Vec = Vectorized<acc_t>;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    const Vec g = load<acc_t>(dy + j);
+    const Vec g = dy.vec(j);
     sum.add(slot, j, g);
     dot.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
   });
   for (; i < n; ++i) {
-    const acc_t g = static_cast<acc_t>(dy[i]);
+    const acc_t g = dy[i];
     sum.add(i, g);
     dot.add(i, acc_t(g * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
-  }
-}
-
-// y = ((x - hi) - lo) · scale + shift: the normalize pass, and (hi = lo = shift = 0) dy · scale.
-template <typename acc_t, typename T, typename M, typename P>
-inline void affine(
-    const T* x, acc_t* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::fmadd(centered(load<acc_t>(x + i), hi, lo, i), scale.vec(i), shift.vec(i)).store(y + i);
-  }
-  for (; i < n; ++i) {
-    y[i] = centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i];
-  }
-}
-
-// affine() for a half or bfloat16 output: two vectors at a time, narrowed in registers (rounded
-// to nearest even, as c10's conversion does) and stored, instead of through a float buffer.
-template <typename acc_t, typename T, typename M, typename P>
-inline void affine_narrow(
-    const T* x, T* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  int64_t i = 0;
-  for (; i + 2 * V <= n; i += 2 * V) {
-    const Vec low = at::vec::fmadd(centered(load<acc_t>(x + i), hi, lo, i), scale.vec(i), shift.vec(i));
-    const Vec high =
-        at::vec::fmadd(centered(load<acc_t>(x + i + V), hi, lo, i + V), scale.vec(i + V), shift.vec(i + V));
-    at::vec::convert_from_float<T>(low, high).store(y + i);
-  }
-  for (; i < n; ++i) {
-    y[i] = static_cast<T>(centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i]);
   }
 }
 
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
 template <typename acc_t, typename D, typename P>
-inline void scale_by(const D* dy, acc_t* dx, int64_t n, const P& k) {
+inline void scale_by(const D& dy, acc_t* dx, int64_t n, const P& k) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    (load<acc_t>(dy + i) * k.vec(i)).store(dx + i);
+    (dy.vec(i) * k.vec(i)).store(dx + i);
   }
   for (; i < n; ++i) {
-    dx[i] = static_cast<acc_t>(dy[i]) * k[i];
+    dx[i] = dy[i] * k[i];
   }
 }
 
@@ -282,7 +232,7 @@ inline void scale_by(const D* dy, acc_t* dx, int64_t n, const P& k) {
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
 template <typename acc_t, typename D, typename T, typename P>
 inline void grad_input(
-    const D* dy,
+    const D& dy,
     const T* x,
     acc_t* dx,
     int64_t n,
@@ -295,131 +245,280 @@ inline void grad_input(
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec d = centered(load<acc_t>(x + i), hi, lo, i);
-    (load<acc_t>(dy + i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
+    (dy.vec(i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
   }
   for (; i < n; ++i) {
-    dx[i] = static_cast<acc_t>(dy[i]) * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
+    dx[i] = dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
   }
 }
 
-// z += r: the residual add of a fused layer.
+// The signs of a vector's lanes as its low bits: bit k = v[k] > 0 (false for NaN).
 template <typename acc_t>
-inline void add_into(acc_t* z, const acc_t* r, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    (Vec::loadu(z + i) + Vec::loadu(r + i)).store(z + i);
-  }
-  for (; i < n; ++i) {
-    z[i] += r[i];
-  }
-}
-
-// The signs of 8 consecutive values as one byte: bit k = z[k] > 0.
-template <typename acc_t>
-inline uint8_t sign_byte(const acc_t* z) {
+inline uint32_t sign_bits(const Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
-    return static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(z), _mm256_setzero_ps(), _CMP_GT_OQ)));
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
   } else if constexpr (std::is_same_v<acc_t, double>) {
-    const __m256d zero = _mm256_setzero_pd();
-    return static_cast<uint8_t>(
-        _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(z), zero, _CMP_GT_OQ)) |
-        (_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(z + 4), zero, _CMP_GT_OQ)) << 4));
+    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_GT_OQ)));
   }
 #endif
-  uint8_t bits = 0;
-  for (int k = 0; k < 8; ++k) {
-    bits |= static_cast<uint8_t>(z[k] > acc_t(0)) << k;
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  uint32_t bits = 0;
+  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) {
+    bits |= static_cast<uint32_t>(lanes[k] > acc_t(0)) << k;
   }
   return bits;
 }
 
-// dz = bit set ? dy : slope * dy. With slope 0 the gradient is selected, not multiplied, as
+// dz = positive ? dy : slope * dy. With slope 0 the gradient is selected, not multiplied, as
 // torch's threshold_backward does (an infinite dy gives 0, not NaN).
 template <typename acc_t>
 inline acc_t gate(acc_t dy, bool positive, acc_t slope) {
   return positive ? dy : (slope == acc_t(0) ? acc_t(0) : dy * slope);
 }
 
-// gate() for 8 consecutive values whose signs are the bits of one byte.
+// gate() on a vector whose lanes' signs are the low bits of `bits`.
 template <typename acc_t>
-inline void gate_byte(acc_t* dz, const acc_t* dy, uint8_t bits, acc_t slope) {
+inline Vectorized<acc_t> gate(const Vectorized<acc_t>& dy, uint32_t bits, acc_t slope) {
+  using Vec = Vectorized<acc_t>;
+  const Vec negative = slope == acc_t(0) ? Vec(acc_t(0)) : dy * Vec(slope);
 #if defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i positive = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
-    const __m256 g = _mm256_loadu_ps(dy);
-    const __m256 negative = slope == 0.0f ? _mm256_setzero_ps() : _mm256_mul_ps(g, _mm256_set1_ps(slope));
-    _mm256_storeu_ps(dz, _mm256_blendv_ps(negative, g, _mm256_castsi256_ps(positive)));
-    return;
+    return _mm256_blendv_ps(negative, dy, _mm256_castsi256_ps(positive));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    const __m256i lane_bit = _mm256_setr_epi64x(1, 2, 4, 8);
+    const __m256i positive = _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(bits), lane_bit), lane_bit);
+    return _mm256_blendv_pd(negative, dy, _mm256_castsi256_pd(positive));
   }
 #endif
-  for (int k = 0; k < 8; ++k) {
-    dz[k] = gate(dy[k], (bits >> k) & 1, slope);
+  acc_t lanes[Vec::size()];
+  dy.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) {
+    lanes[k] = gate(lanes[k], (bits >> k) & 1, slope);
   }
+  return Vec::loadu(lanes);
 }
 
-// Bits [bit, bit + n) of `mask` |= (z > 0). Partial bytes at either end may be shared with the
-// run another thread writes, so they are OR-ed atomically; whole bytes are plain stores.
-template <typename acc_t>
-inline void write_sign_bits(uint8_t* mask, int64_t bit, const acc_t* z, int64_t n) {
-  int64_t i = 0;
-  const auto or_partial = [&](int64_t count) {
-    uint8_t bits = 0;
-    for (int64_t k = 0; k < count; ++k, ++i) {
-      bits |= static_cast<uint8_t>(z[i] > acc_t(0)) << ((bit + i) & 7);
-    }
-    __atomic_fetch_or(mask + ((bit + i - 1) >> 3), bits, __ATOMIC_RELAXED);
-  };
-  const int64_t head = std::min(n, (8 - (bit & 7)) & 7);
-  if (head > 0) {
-    or_partial(head);
+// Bits [bit, bit + count) of `mask` (count <= 8) as the low bits of the result. The second byte
+// is read only when the bits reach into it, so that nothing past the mask's end is read; within
+// a run of whole vectors of 8 the branch goes the same way every time.
+inline uint32_t mask_bits(const uint8_t* mask, int64_t bit, int count) {
+  const uint8_t* byte = mask + (bit >> 3);
+  const int skip = static_cast<int>(bit & 7);
+  uint32_t word = byte[0];
+  if (skip + count > 8) {
+    word |= static_cast<uint32_t>(byte[1]) << 8;
   }
-  for (; i + 8 <= n; i += 8) {
-    mask[(bit + i) >> 3] = sign_byte(z + i);
-  }
-  if (i < n) {
-    or_partial(n - i);
-  }
+  return (word >> skip) & ((1u << count) - 1);
 }
 
-// z = z > 0 ? z : slope * z. ReLU (slope 0) takes max(z, 0) instead, so that -inf gives 0 as
-// in torch rather than -inf * 0; NaN stays NaN either way.
-template <typename acc_t>
-inline void leaky_relu(acc_t* z, int64_t n, acc_t slope) {
+// Where the loops read dy from: the values of a run, in any floating dtype, widened in registers.
+template <typename acc_t, typename T>
+struct Values {
+  const T* values;
+  Vectorized<acc_t> vec(int64_t i) const { return load<acc_t>(values + i); }
+  acc_t operator[](int64_t i) const { return static_cast<acc_t>(values[i]); }
+};
+
+// dy gated by the sign mask of a fused activation as it is read: element i of the run is bit
+// `bit` + i of the mask.
+template <typename acc_t, typename T>
+struct SignGated {
+  const T* dy;
+  const uint8_t* mask;
+  int64_t bit;
+  acc_t slope;
+  Vectorized<acc_t> vec(int64_t i) const {
+    constexpr int V = Vectorized<acc_t>::size();
+    static_assert(V <= 8, "mask_bits reads at most 8 bits");
+    return gate(load<acc_t>(dy + i), mask_bits(mask, bit + i, V), slope);
+  }
+  acc_t operator[](int64_t i) const {
+    return gate(static_cast<acc_t>(dy[i]), mask_bits(mask, bit + i, 1) != 0, slope);
+  }
+};
+
+// out = source, for n values.
+template <typename acc_t, typename S>
+inline void gather(const S& source, acc_t* out, int64_t n) {
   using Vec = Vectorized<acc_t>;
-  const Vec zero(acc_t(0)), k(slope);
   int64_t i = 0;
-  if (slope == acc_t(0)) {
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      at::vec::maximum(Vec::loadu(z + i), zero).store(z + i);
-    }
-  } else {
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec v = Vec::loadu(z + i);
-      Vec::blendv(v * k, v, v > zero).store(z + i);
-    }
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    source.vec(i).store(out + i);
   }
   for (; i < n; ++i) {
-    z[i] = z[i] > acc_t(0) || std::isnan(z[i]) ? z[i] : (slope == acc_t(0) ? acc_t(0) : z[i] * slope);
+    out[i] = source[i];
   }
 }
 
-// dz = gate(dy) by bits [bit, bit + n) of `mask`.
+// Writes the sign bits of one task's runs into a zero-filled mask. Runs that continue where the
+// last one ended form one span, buffered across run ends and stored 32 bits at a time, so that
+// only the partial bytes at a span's two ends (which the neighbouring span, maybe another
+// thread's, shares) are OR-ed atomically; every byte inside a span is a plain store. Flushes
+// when destroyed.
+class SignBitWriter {
+ public:
+  explicit SignBitWriter(uint8_t* mask) : mask_(mask) {}
+  SignBitWriter(const SignBitWriter&) = delete;
+  SignBitWriter& operator=(const SignBitWriter&) = delete;
+  ~SignBitWriter() { flush(); }
+
+  // Bits [bit, bit + count) of the mask are the low bits of `bits` (count <= 32).
+  void put(int64_t bit, uint32_t bits, int count) {
+    if (bit != byte_bit_ + filled_) {
+      flush();
+      span_start_ = bit;
+      byte_bit_ = bit & ~int64_t{7};
+      filled_ = static_cast<int>(bit & 7);
+    }
+    pending_ |= static_cast<uint64_t>(bits) << filled_;
+    filled_ += count;
+    if (filled_ >= 32) {
+      const auto word = static_cast<uint32_t>(pending_);
+      uint8_t* target = mask_ + (byte_bit_ >> 3);
+      if (byte_bit_ >= span_start_) {
+        // Byte by byte (little-endian order whatever the machine's); compilers merge the four.
+        for (int k = 0; k < 4; ++k) {
+          target[k] = static_cast<uint8_t>(word >> (8 * k));
+        }
+      } else {
+        for (int k = 0; k < 4; ++k) {
+          store_byte(k, static_cast<uint8_t>(word >> (8 * k)), /*complete=*/true);
+        }
+      }
+      pending_ >>= 32;
+      filled_ -= 32;
+      byte_bit_ += 32;
+    }
+  }
+
+ private:
+  // The bytes still buffered at the end of a span; the last may be partial.
+  void flush() {
+    for (int k = 0; 8 * k < filled_; ++k) {
+      store_byte(k, static_cast<uint8_t>(pending_ >> (8 * k)), /*complete=*/8 * (k + 1) <= filled_);
+    }
+    pending_ = 0;
+    filled_ = 0;
+  }
+
+  // Byte k of the buffer: a plain store when all its bits are this span's, else an atomic OR.
+  void store_byte(int k, uint8_t byte, bool complete) {
+    uint8_t* target = mask_ + (byte_bit_ >> 3) + k;
+    if (complete && byte_bit_ + 8 * k >= span_start_) {
+      *target = byte;
+    } else {
+      __atomic_fetch_or(target, byte, __ATOMIC_RELAXED);
+    }
+  }
+
+  uint8_t* mask_;
+  int64_t span_start_ = 0;
+  int64_t byte_bit_ = -8;  // the mask bit of pending_'s bit 0, a multiple of 8; none yet
+  int filled_ = 0;         // bits of pending_ in use, fewer than 32 between calls
+  uint64_t pending_ = 0;
+};
+
+// The activation of a fused layer, applied in the normalize pass. ReLU takes max(z, 0), so that
+// -inf gives 0 as in torch rather than -inf * 0; NaN stays NaN in both.
 template <typename acc_t>
-inline void gate_by_sign_bits(acc_t* dz, const acc_t* dy, const uint8_t* mask, int64_t bit, int64_t n, acc_t slope) {
-  int64_t i = 0;
-  const auto gate_bits = [&](int64_t end) {
-    for (; i < end; ++i) {
-      dz[i] = gate(dy[i], (mask[(bit + i) >> 3] >> ((bit + i) & 7)) & 1, slope);
+struct Relu {
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& z) const {
+    return at::vec::maximum(z, Vectorized<acc_t>(acc_t(0)));
+  }
+  acc_t operator()(acc_t z) const { return z > acc_t(0) || std::isnan(z) ? z : acc_t(0); }
+};
+
+// z > 0 ? z : slope * z.
+template <typename acc_t>
+struct LeakyRelu {
+  acc_t slope;
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& z) const {
+    using Vec = Vectorized<acc_t>;
+    return Vec::blendv(z * Vec(slope), z, z > Vec(acc_t(0)));
+  }
+  acc_t operator()(acc_t z) const { return z > acc_t(0) || std::isnan(z) ? z : z * slope; }
+};
+
+// No activation: nothing applied, no signs recorded.
+struct NoActivation {};
+
+// Stores two vectors of the accumulation type as 2·V values of T; half and bfloat16 are narrowed
+// in registers (rounded to nearest even, as c10's conversion does).
+template <typename acc_t, typename T>
+inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& high, T* y) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    low.store(y);
+    high.store(y + Vectorized<acc_t>::size());
+  } else {
+    at::vec::convert_from_float<T>(low, high).store(y);
+  }
+}
+
+// The normalize pass of a run, in registers: y = act(((x - hi) - lo) · scale + shift + residual)
+// with the residual (kResidual) and the activation (Act; the signs of its input go to bits
+// [bit, bit + n) of the mask) as the epilogue asks. Also dy · scale (hi = lo = shift = 0).
+template <typename acc_t, bool kResidual, typename Act, typename T, typename M, typename P>
+inline void normalize_run(const T* x, T* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift,
+                          const T* residual, const Act& act, SignBitWriter& signs, int64_t bit) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t kStep = 2 * V;
+  constexpr bool kActivation = !std::is_same_v<Act, NoActivation>;
+  static_assert(32 % kStep == 0, "a 32-bit word of signs holds whole steps");
+  const auto value = [&](int64_t i) {
+    const Vec v = at::vec::fmadd(centered(load<acc_t>(x + i), hi, lo, i), scale.vec(i), shift.vec(i));
+    if constexpr (kResidual) {
+      return v + load<acc_t>(residual + i);
+    } else {
+      return v;
     }
   };
-  gate_bits(std::min(n, (8 - (bit & 7)) & 7));
-  for (; i + 8 <= n; i += 8) {
-    gate_byte(dz + i, dy + i, mask[(bit + i) >> 3], slope);
+  // Writes values [i, i + kStep) and returns their signs.
+  const auto step = [&](int64_t i) {
+    Vec low = value(i), high = value(i + V);
+    uint32_t signs_of_step = 0;
+    if constexpr (kActivation) {
+      signs_of_step = sign_bits(low) | sign_bits(high) << V;
+      low = act(low);
+      high = act(high);
+    }
+    store_pair(low, high, y + i);
+    return signs_of_step;
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    uint32_t word = 0;
+    for (int64_t j = 0; j < 32; j += kStep) {
+      word |= step(i + j) << j;
+    }
+    if constexpr (kActivation) {
+      signs.put(bit + i, word, 32);
+    }
   }
-  gate_bits(n);
+  // The last (fewer than 32) values' signs go to the mask as one word too.
+  const int64_t rest = i;
+  uint32_t word = 0;
+  for (; i + kStep <= n; i += kStep) {
+    word |= step(i) << (i - rest);
+  }
+  for (; i < n; ++i) {
+    acc_t v = centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i];
+    if constexpr (kResidual) {
+      v += static_cast<acc_t>(residual[i]);
+    }
+    if constexpr (kActivation) {
+      word |= static_cast<uint32_t>(v > acc_t(0)) << (i - rest);
+      v = act(v);
+    }
+    y[i] = static_cast<T>(v);
+  }
+  if (kActivation && n > rest) {
+    signs.put(bit + rest, word, static_cast<int>(n - rest));
+  }
 }
 
 } // namespace CPU_CAPABILITY

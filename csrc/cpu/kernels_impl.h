@@ -263,46 +263,43 @@ void fold_groups(const std::vector<acc_t>& tiled, int64_t channels, double* out)
   }
 }
 
-// The normalize pass of one task: reads x a chunk at a time and writes
-// act(((x - mean) * scale + shift) + residual), recording the sign mask of a fused activation.
+// The normalize pass of one task: writes act(((x - mean) * scale + shift) + residual) run by
+// run, recording the sign mask of a fused activation.
 template <typename scalar_t>
 struct NormalizeWriter {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   scalar_t* y;
   const scalar_t* residual;
-  uint8_t* mask;
+  bool activation;
+  SignBitWriter signs;
   acc_t slope;
-  std::vector<acc_t> out, residual_in;
 
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Epilogue& e)
-      : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), mask(e.mask),
-        slope(static_cast<acc_t>(e.slope)), out(chunk_buffer_size<scalar_t, acc_t>()),
-        residual_in(residual ? chunk_buffer_size<scalar_t, acc_t>() : 0) {}
+      : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
+        slope(static_cast<acc_t>(e.slope)) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      if (!residual && !mask) {
-        affine_narrow<acc_t>(x + first, y + first, n, hi, lo, scale, shift);
-        return;
+    const auto run_with = [&](const auto& act) {
+      if (residual) {
+        normalize_run<acc_t, true>(x + first, y + first, n, hi, lo, scale, shift, residual + first, act, signs, first);
+      } else {
+        normalize_run<acc_t, false>(x + first, y + first, n, hi, lo, scale, shift, residual, act, signs, first);
       }
+    };
+    if (!activation) {
+      run_with(NoActivation{});
+    } else if (slope == acc_t(0)) {
+      run_with(Relu<acc_t>{});
+    } else {
+      run_with(LeakyRelu<acc_t>{slope});
     }
-    acc_t* z = output_chunk(y + first, out.data());
-    affine(x + first, z, n, hi, lo, scale, shift);
-    if (residual) {
-      add_into(z, widen(residual + first, residual_in.data(), n), n);
-    }
-    if (mask) {
-      write_sign_bits(mask, first, z, n);
-      leaky_relu(z, n, slope);
-    }
-    narrow(z, y + first, n);
   }
 };
 
-// dy of one task, a chunk at a time, as the normalization's gradient dz: gated by the sign mask
-// of a fused activation, and stored as the residual's gradient on the pass that asks for it.
+// dy of one task as the normalization's gradient dz: gated by the sign mask of a fused
+// activation, and stored as the residual's gradient on the pass that asks for it.
 template <typename scalar_t>
 struct GradReader {
   using acc_t = at::opmath_type<scalar_t>;
@@ -310,31 +307,32 @@ struct GradReader {
   const uint8_t* mask;
   acc_t slope;
   scalar_t* grad_residual;
-  std::vector<acc_t> in, gated;
+  std::vector<acc_t> gated;
 
   GradReader(const scalar_t* dy, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
-        grad_residual(static_cast<scalar_t*>(p.grad_residual)), in(chunk_buffer_size<scalar_t, acc_t>()),
-        gated(mask ? kChunk : 0) {}
+        grad_residual(static_cast<scalar_t*>(p.grad_residual)),
+        gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0) {}
 
-  // Calls use(dz) with the run's dz: dy itself when there is nothing to gate or store (read in
-  // registers by the loops, whatever its dtype), else a widened, gated chunk.
+  // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
+  // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
   template <typename F>
   void read(int64_t first, int64_t n, bool store_residual_grad, const F& use) {
-    const bool stores = store_residual_grad && grad_residual;
-    if (!mask && !stores) {
-      use(dy + first);
-      return;
+    if (store_residual_grad && grad_residual) {
+      // Gathered in place when the gradient is in the accumulation type.
+      acc_t* dz = output_chunk(grad_residual + first, gated.data());
+      if (mask) {
+        gather(SignGated<acc_t, scalar_t>{dy + first, mask, first, slope}, dz, n);
+      } else {
+        gather(Values<acc_t, scalar_t>{dy + first}, dz, n);
+      }
+      narrow(dz, grad_residual + first, n);
+      use(Values<acc_t, acc_t>{dz});
+    } else if (mask) {
+      use(SignGated<acc_t, scalar_t>{dy + first, mask, first, slope});
+    } else {
+      use(Values<acc_t, scalar_t>{dy + first});
     }
-    const acc_t* dz = widen(dy + first, in.data(), n);
-    if (mask) {
-      gate_by_sign_bits(gated.data(), dz, mask, first, n, slope);
-      dz = gated.data();
-    }
-    if (stores) {
-      store(dz, grad_residual + first, n);
-    }
-    use(dz);
   }
 };
 
@@ -553,7 +551,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
       plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
-        grad.read(first, len, /*store_residual_grad=*/true, [&](const auto* dz) {
+        grad.read(first, len, /*store_residual_grad=*/true, [&](const auto& dz) {
           reduce_dy_dot<acc_t>(dz, x + first, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i],
                                dot_totals[i]);
         });
@@ -577,7 +575,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     plan.for_each_group_run(c0, c1, [&](int64_t i, int64_t first, int64_t len) {
       acc_t* dx_chunk = output_chunk(dx + first, out.data());
-      grad.read(first, len, /*store_residual_grad=*/false, [&](const auto* dz) {
+      grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
         if (training) {
           grad_input<acc_t>(dz, x + first, dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
                             Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
@@ -610,7 +608,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
       plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
           [&](int64_t first, int64_t position, int64_t n) {
             ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
-            grad.read(first, n, /*store_residual_grad=*/true, [&](const auto* dz) {
+            grad.read(first, n, /*store_residual_grad=*/true, [&](const auto& dz) {
               reduce_dy_dot<acc_t>(dz, x + first, n, PerChannel<acc_t>{centering.hi.data() + position},
                                    PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
             });
@@ -649,7 +647,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
           acc_t* dx_chunk = output_chunk(dx + first, out.data());
-          grad.read(first, n, /*store_residual_grad=*/false, [&](const auto* dz) {
+          grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
             if (training) {
               grad_input<acc_t>(dz, x + first, dx_chunk, n, PerChannel<acc_t>{centering.hi.data() + position},
                                 PerChannel<acc_t>{centering.lo.data() + position},
