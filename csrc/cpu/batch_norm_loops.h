@@ -174,27 +174,35 @@ inline acc_t centered(acc_t x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) 
   return x;
 }
 
+// The reductions below add into a local copy of their Out and write it back at the end: a
+// RunTotal's lanes then stay in registers through the run. Added to in place, they would be
+// stored after every step, since a vector type may alias the float input read between steps.
+
 // Σ (x - shift), the shift being a sample of the channel so that the terms are small.
 template <typename acc_t, typename T, typename P, typename Out>
 inline void reduce_shifted(const T* x, int64_t n, const P& shift, Out& out) {
-  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { out.add(slot, j, load<acc_t>(x + j) - shift.vec(j)); });
+  Out total = out;
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { total.add(slot, j, load<acc_t>(x + j) - shift.vec(j)); });
   for (; i < n; ++i) {
-    out.add(i, acc_t(static_cast<acc_t>(x[i]) - shift[i]));
+    total.add(i, acc_t(static_cast<acc_t>(x[i]) - shift[i]));
   }
+  out = total;
 }
 
 // Σ ((x - hi) - lo)², the second pass of a two-pass variance.
 template <typename acc_t, typename T, typename P, typename Out>
 inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, Out& out) {
   using Vec = Vectorized<acc_t>;
+  Out total = out;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
     const Vec d = centered(load<acc_t>(x + j), hi, lo, j);
-    out.add(slot, j, d * d);
+    total.add(slot, j, d * d);
   });
   for (; i < n; ++i) {
     const acc_t d = centered(static_cast<acc_t>(x[i]), hi, lo, i);
-    out.add(i, acc_t(d * d));
+    total.add(i, acc_t(d * d));
   }
+  out = total;
 }
 
 // Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy. `dy` is a
@@ -202,16 +210,19 @@ inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, 
 template <typename acc_t, typename D, typename T, typename P, typename Out>
 inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
   using Vec = Vectorized<acc_t>;
+  Out sum_total = sum, dot_total = dot;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
     const Vec g = dy.vec(j);
-    sum.add(slot, j, g);
-    dot.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
+    sum_total.add(slot, j, g);
+    dot_total.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
   });
   for (; i < n; ++i) {
     const acc_t g = dy[i];
-    sum.add(i, g);
-    dot.add(i, acc_t(g * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
+    sum_total.add(i, g);
+    dot_total.add(i, acc_t(g * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
   }
+  sum = sum_total;
+  dot = dot_total;
 }
 
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
