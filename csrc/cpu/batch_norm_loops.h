@@ -79,7 +79,9 @@ inline acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 
 // A per-channel parameter seen from a contiguous run of elements. In a planar (NCHW) run every
 // element belongs to one channel (Uniform); in a row of a channels-last tensor element i
-// belongs to channel i (PerChannel).
+// belongs to channel i (PerChannel). Loops that store take these (and the dy sources below) by
+// value: a callee's own copy cannot be aliased by its stores to float memory, so it stays in a
+// register instead of being reloaded after every store.
 template <typename acc_t>
 struct Uniform {
   acc_t value;
@@ -228,7 +230,7 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
 template <typename acc_t, typename D, typename P>
-inline void scale_by(const D& dy, acc_t* dx, int64_t n, const P& k) {
+inline void scale_by(D dy, acc_t* dx, int64_t n, P k) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -243,15 +245,15 @@ inline void scale_by(const D& dy, acc_t* dx, int64_t n, const P& k) {
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
 template <typename acc_t, typename D, typename T, typename P>
 inline void grad_input(
-    const D& dy,
+    D dy,
     const T* x,
     acc_t* dx,
     int64_t n,
-    const P& hi,
-    const P& lo,
-    const P& k1,
-    const P& k2,
-    const P& k3) {
+    P hi,
+    P lo,
+    P k1,
+    P k2,
+    P k3) {
   using Vec = Vectorized<acc_t>;
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
@@ -473,8 +475,8 @@ inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& hi
 // with the residual (kResidual) and the activation (Act; the signs of its input go to bits
 // [bit, bit + n) of the mask) as the epilogue asks. Also dy · scale (hi = lo = shift = 0).
 template <typename acc_t, bool kResidual, typename Act, typename T, typename M, typename P>
-inline void normalize_run(const T* x, T* y, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift,
-                          const T* residual, const Act& act, SignBitWriter& signs, int64_t bit) {
+inline void normalize_run(const T* x, T* y, int64_t n, M hi, M lo, P scale, P shift, const T* residual, Act act,
+                          SignBitWriter& signs, int64_t bit) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t kStep = 2 * V;

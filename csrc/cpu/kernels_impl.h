@@ -368,15 +368,12 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     int64_t c = p0 % s.channels;
     for (const auto plane : c10::irange(p0, p1)) {
       const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
-      const bool plane_centered = p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0);
-      for_each_chunk(s.inner, [&](int64_t offset, int64_t n) {
-        if (plane_centered) {
-          writer.write(plane * s.inner + offset, n, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale,
-                       shift);
-        } else {
-          writer.write(plane * s.inner + offset, n, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
-        }
-      });
+      // A plane is one run: the writer keeps nothing per chunk.
+      if (p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0)) {
+        writer.write(plane * s.inner, s.inner, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale, shift);
+      } else {
+        writer.write(plane * s.inner, s.inner, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
+      }
       c = c + 1 == s.channels ? 0 : c + 1;
     }
   });
