@@ -15,6 +15,15 @@ namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
+// Inlines every call in the function's body. GCC does not inline ATen's bfloat16/half
+// conversions (at::vec::convert_from_float and the like) into the larger loops on its own, and a
+// call per 16 values costs as much as the loop's work.
+#if defined(__GNUC__)
+#define TORCH_BN_FLATTEN __attribute__((flatten))
+#else
+#define TORCH_BN_FLATTEN
+#endif
+
 // Values converted to the accumulation type per step: 16 KiB of float, so a chunk widened
 // from half/bfloat16 stays in L1 while it is used.
 constexpr int64_t kChunk = 4096;
@@ -52,7 +61,7 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
 // vectors at a time narrowed in registers (at::vec::convert narrows one value at a time);
 // a no-op where the chunk is the destination.
 template <typename scalar_t, typename acc_t>
-inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
+TORCH_BN_FLATTEN inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     using Vec = Vectorized<acc_t>;
     constexpr int64_t V = Vec::size();
@@ -475,7 +484,7 @@ inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& hi
 // with the residual (kResidual) and the activation (Act; the signs of its input go to bits
 // [bit, bit + n) of the mask) as the epilogue asks. Also dy · scale (hi = lo = shift = 0).
 template <typename acc_t, bool kResidual, typename Act, typename T, typename M, typename P>
-inline void normalize_run(const T* x, T* y, int64_t n, M hi, M lo, P scale, P shift, const T* residual, Act act,
+TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M lo, P scale, P shift, const T* residual, Act act,
                           SignBitWriter& signs, int64_t bit) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
