@@ -113,6 +113,26 @@ def test_module_matches_torch_nn_composition(activation, with_residual, channels
         torch.testing.assert_close(getattr(fused, name), getattr(reference, name), **param_tolerance, msg=name)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["noresidual", "residual"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_module_without_autograd_matches_torch_nn_composition(activation, with_residual, training):
+    """Under no_grad the layer calls the forward operators directly (no autograd.Function)."""
+    fused, reference = pair(torch_bn.BatchNormAct2d, torch.nn.BatchNorm2d, 3, activation, "cpu")
+    fused.train(training)
+    reference.train(training)
+    x = random_input(SHAPE, torch.float32, "cpu")
+    residual = torch.randn(SHAPE) if with_residual else None
+    with torch.no_grad():
+        for _step in range(2):
+            y = fused(x, residual)
+            y_ref = reference_activation(reference(x) + (residual if with_residual else 0), activation)
+            torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float32])
+    assert y.grad_fn is None
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), **TOLERANCES[torch.float32], msg=name)
+
+
 @pytest.mark.parametrize(
     "cls, reference_cls, shape, channels_last",
     [

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .functional import BatchNormCall, batch_norm_function, normalize, verify_batch_size
+from .functional import BatchNormCall, batch_norm_function, needs_autograd, normalize, verify_batch_size
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 ACTIVATIONS = ops.ACTIVATIONS
@@ -98,9 +98,19 @@ def activated(
         return apply_activation(normalize_with(batch_norm_function) + residual, activation, negative_slope)
 
     def fused(input, weight, bias, running_mean, running_var, training, eps):
-        return BatchNormActFunction.apply(
-            input, weight, bias, running_mean, running_var, training, eps, residual, activation, negative_slope
+        # As batch_norm_function: the forward op alone where no gradient can be asked for (the
+        # mask it returns is then not needed).
+        if needs_autograd(input, weight, bias, residual):
+            return BatchNormActFunction.apply(
+                input, weight, bias, running_mean, running_var, training, eps, residual, activation, negative_slope
+            )
+        if training:
+            output, mean, invstd, _mask = ops.forward_train_act(input, weight, bias, residual, eps, activation, negative_slope)
+            return output, mean, invstd
+        output, _mask = ops.forward_eval_act(
+            input, weight, bias, running_mean, running_var, residual, eps, activation, negative_slope
         )
+        return output, None, None
 
     return normalize_with(fused)
 

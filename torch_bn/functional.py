@@ -68,11 +68,16 @@ BatchNormCall = Callable[
 ]
 
 
+def needs_autograd(*tensors: Optional[Tensor]) -> bool:
+    """Whether a gradient can be asked for through any of ``tensors`` (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def batch_norm_function(input, weight, bias, running_mean, running_var, training, eps):
     """BatchNormFunction.apply, or the forward op alone where no gradient can be asked for: an
     autograd.Function's bookkeeping, and in evaluation the statistics it saves for backward, cost
     more than a small layer's kernel. In evaluation without autograd, mean and invstd are None."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    if needs_autograd(input, weight, bias):
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
     if training:
         return ops.forward_train(input, weight, bias, eps)
