@@ -236,6 +236,60 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   dot = dot_total;
 }
 
+// Per-channel sums over `rows` rows of C channels (a channels-last block), a strip of channels
+// at a time: the strip's totals stay in registers down the rows, where adding each row into
+// per-channel totals in memory would load and store them for every vector. For every channel c,
+// total[c] = Σ_r term(value at r·C + c, c), summed in row order in the accumulation type over
+// pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c) and
+// scalar_term(offset, c) give the terms of a vector (channels c .. c + V - 1) and of a channel.
+template <typename acc_t, typename VectorTerm, typename ScalarTerm>
+inline void reduce_columns(int64_t rows, int64_t C, double* total, const VectorTerm& vector_term,
+                           const ScalarTerm& scalar_term) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr int kStrip = 4;  // vectors per strip: 4 totals and their terms' operands fit in 16 registers
+  std::fill(total, total + C, 0.0);
+  const auto add = [&](const Vec& sum, int64_t c) {
+    acc_t lanes[V];
+    sum.store(lanes);
+    for (int64_t k = 0; k < V; ++k) {
+      total[c + k] += static_cast<double>(lanes[k]);
+    }
+  };
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    const int64_t r1 = std::min(rows, r0 + kChunk);
+    int64_t c = 0;
+    for (; c + kStrip * V <= C; c += kStrip * V) {
+      Vec sums[kStrip];
+      for (auto& sum : sums) {
+        sum = Vec(acc_t(0));
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int k = 0; k < kStrip; ++k) {
+          sums[k] += vector_term(r * C + c + k * V, c + k * V);
+        }
+      }
+      for (int k = 0; k < kStrip; ++k) {
+        add(sums[k], c + k * V);
+      }
+    }
+    for (; c + V <= C; c += V) {
+      Vec sum(acc_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        sum += vector_term(r * C + c, c);
+      }
+      add(sum, c);
+    }
+    for (; c < C; ++c) {
+      acc_t sum = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        sum += scalar_term(r * C + c, c);
+      }
+      total[c] += static_cast<double>(sum);
+    }
+  }
+}
+
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
 template <typename acc_t, typename D, typename P>

@@ -451,49 +451,44 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
                         const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
                         double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
   const RowPlan plan(s);
   const int64_t C = s.channels;
-  const int64_t tiled = plan.group_rows * C;
   // Shifting by the first row keeps the terms of the first pass small.
-  std::vector<acc_t> first_row(tiled);
-  for (const auto i : c10::irange(tiled)) {
-    first_row[i] = static_cast<acc_t>(x[i % C]);
+  std::vector<acc_t> first_row(C);
+  for (const auto c : c10::irange(C)) {
+    first_row[c] = static_cast<acc_t>(x[c]);
   }
   std::vector<double> block_mean(plan.num_blocks * C), block_m2(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
-    std::vector<acc_t> totals(tiled), hi(tiled), lo(tiled);
-    std::vector<double> folded(C);
-    {
-      const int64_t r0 = block * plan.block_rows;
-      const int64_t r1 = std::min(plan.rows, r0 + plan.block_rows);
-      const double rows = static_cast<double>(r1 - r0);
-      double* mean = block_mean.data() + block * C;
-      std::fill(totals.begin(), totals.end(), acc_t(0));
-      plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
-        ChannelTotals<acc_t> out{totals.data() + position};
-        reduce_shifted<acc_t>(x + first, n, PerChannel<acc_t>{first_row.data() + position}, out);
-      });
-      fold_groups(totals, C, folded.data());
-      for (const auto c : c10::irange(C)) {
-        mean[c] = static_cast<double>(first_row[c]) + folded[c] / rows;
-      }
-      for (const auto c : c10::irange(C)) {
-        const auto m = split_mean<acc_t>(mean[c]);
-        hi[c] = m.hi;
-        lo[c] = m.lo;
-      }
-      for (int64_t row = C; row < tiled; row += C) {
-        std::copy_n(hi.begin(), C, hi.begin() + row);
-        std::copy_n(lo.begin(), C, lo.begin() + row);
-      }
-      std::fill(totals.begin(), totals.end(), acc_t(0));
-      plan.for_each_chunk_in(r0, r1, [&](int64_t first, int64_t position, int64_t n) {
-        ChannelTotals<acc_t> out{totals.data() + position};
-        reduce_sq_centered<acc_t>(x + first, n, PerChannel<acc_t>{hi.data() + position},
-                           PerChannel<acc_t>{lo.data() + position}, out);
-      });
-      fold_groups(totals, C, block_m2.data() + block * C);
+    std::vector<acc_t> hi(C), lo(C);
+    std::vector<double> totals(C);
+    const int64_t r0 = block * plan.block_rows;
+    const int64_t rows = std::min(plan.rows, r0 + plan.block_rows) - r0;
+    const scalar_t* rows_x = x + r0 * C;
+    const acc_t* shift = first_row.data();
+    reduce_columns<acc_t>(
+        rows, C, totals.data(),
+        [&](int64_t i, int64_t c) { return load<acc_t>(rows_x + i) - Vec::loadu(shift + c); },
+        [&](int64_t i, int64_t c) { return static_cast<acc_t>(rows_x[i]) - shift[c]; });
+    double* mean = block_mean.data() + block * C;
+    for (const auto c : c10::irange(C)) {
+      mean[c] = static_cast<double>(first_row[c]) + totals[c] / static_cast<double>(rows);
+      const auto m = split_mean<acc_t>(mean[c]);
+      hi[c] = m.hi;
+      lo[c] = m.lo;
     }
+    const PerChannel<acc_t> hi_of{hi.data()}, lo_of{lo.data()};
+    reduce_columns<acc_t>(
+        rows, C, block_m2.data() + block * C,
+        [&](int64_t i, int64_t c) {
+          const Vec d = centered(load<acc_t>(rows_x + i), hi_of, lo_of, c);
+          return d * d;
+        },
+        [&](int64_t i, int64_t c) {
+          const acc_t d = centered(static_cast<acc_t>(rows_x[i]), hi_of, lo_of, c);
+          return acc_t(d * d);
+        });
   });
   at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
     for (const auto c : c10::irange(c0, c1)) {
