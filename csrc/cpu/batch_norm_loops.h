@@ -4,11 +4,13 @@
 #pragma once
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 namespace torch_bn::cpu {
 namespace CPU_CAPABILITY {
@@ -237,55 +239,60 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
 }
 
 // Per-channel sums over `rows` rows of C channels (a channels-last block), a strip of channels
-// at a time: the strip's totals stay in registers down the rows, where adding each row into
-// per-channel totals in memory would load and store them for every vector. For every channel c,
-// total[c] = Σ_r term(value at r·C + c, c), summed in row order in the accumulation type over
-// pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c) and
+// at a time: the strip's totals stay in registers down a group of rows, where adding each row
+// into per-channel totals in memory would load and store them for every vector. A group is a
+// few KiB of consecutive rows, so that its rows, read strip by strip, are a handful of streams
+// (a wide row read down a whole block would be a stream per row and miss L1). For every channel
+// c, total[c] = Σ_r term(value at r·C + c, c), summed in row order in the accumulation type
+// over pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c) and
 // scalar_term(offset, c) give the terms of a vector (channels c .. c + V - 1) and of a channel.
 template <typename acc_t, typename VectorTerm, typename ScalarTerm>
-inline void reduce_columns(int64_t rows, int64_t C, double* total, const VectorTerm& vector_term,
-                           const ScalarTerm& scalar_term) {
+TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* total, const VectorTerm& vector_term,
+                                            const ScalarTerm& scalar_term) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int kStrip = 4;  // vectors per strip: 4 totals and their terms' operands fit in 16 registers
+  constexpr int64_t kGroupValues = 4096;
+  const int64_t group_rows = std::max<int64_t>(8, kGroupValues / C);
+  std::vector<acc_t> sums(C);
   std::fill(total, total + C, 0.0);
-  const auto add = [&](const Vec& sum, int64_t c) {
-    acc_t lanes[V];
-    sum.store(lanes);
-    for (int64_t k = 0; k < V; ++k) {
-      total[c + k] += static_cast<double>(lanes[k]);
-    }
-  };
-  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
-    const int64_t r1 = std::min(rows, r0 + kChunk);
-    int64_t c = 0;
-    for (; c + kStrip * V <= C; c += kStrip * V) {
-      Vec sums[kStrip];
-      for (auto& sum : sums) {
-        sum = Vec(acc_t(0));
-      }
-      for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t p0 = 0; p0 < rows; p0 += kChunk) {
+    const int64_t p1 = std::min(rows, p0 + kChunk);
+    std::fill(sums.begin(), sums.end(), acc_t(0));
+    for (int64_t r0 = p0; r0 < p1; r0 += group_rows) {
+      const int64_t r1 = std::min(p1, r0 + group_rows);
+      int64_t c = 0;
+      for (; c + kStrip * V <= C; c += kStrip * V) {
+        Vec strip[kStrip];
         for (int k = 0; k < kStrip; ++k) {
-          sums[k] += vector_term(r * C + c + k * V, c + k * V);
+          strip[k] = Vec::loadu(sums.data() + c + k * V);
+        }
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int k = 0; k < kStrip; ++k) {
+            strip[k] += vector_term(r * C + c + k * V, c + k * V);
+          }
+        }
+        for (int k = 0; k < kStrip; ++k) {
+          strip[k].store(sums.data() + c + k * V);
         }
       }
-      for (int k = 0; k < kStrip; ++k) {
-        add(sums[k], c + k * V);
+      for (; c + V <= C; c += V) {
+        Vec sum = Vec::loadu(sums.data() + c);
+        for (int64_t r = r0; r < r1; ++r) {
+          sum += vector_term(r * C + c, c);
+        }
+        sum.store(sums.data() + c);
+      }
+      for (; c < C; ++c) {
+        acc_t sum = sums[c];
+        for (int64_t r = r0; r < r1; ++r) {
+          sum += scalar_term(r * C + c, c);
+        }
+        sums[c] = sum;
       }
     }
-    for (; c + V <= C; c += V) {
-      Vec sum(acc_t(0));
-      for (int64_t r = r0; r < r1; ++r) {
-        sum += vector_term(r * C + c, c);
-      }
-      add(sum, c);
-    }
-    for (; c < C; ++c) {
-      acc_t sum = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        sum += scalar_term(r * C + c, c);
-      }
-      total[c] += static_cast<double>(sum);
+    for (const auto c : c10::irange(C)) {
+      total[c] += static_cast<double>(sums[c]);
     }
   }
 }
