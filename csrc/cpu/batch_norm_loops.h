@@ -59,6 +59,18 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
   }
 }
 
+// Stores two vectors of the accumulation type as 2·V values of T; half and bfloat16 are narrowed
+// in registers (rounded to nearest even, as c10's conversion does).
+template <typename acc_t, typename T>
+inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& high, T* y) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    low.store(y);
+    high.store(y + Vectorized<acc_t>::size());
+  } else {
+    at::vec::convert_from_float<T>(low, high).store(y);
+  }
+}
+
 // Writes a chunk computed in the accumulation type to its half or bfloat16 destination, two
 // vectors at a time narrowed in registers (at::vec::convert narrows one value at a time);
 // a no-op where the chunk is the destination.
@@ -69,7 +81,7 @@ TORCH_BN_FLATTEN inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n
     constexpr int64_t V = Vec::size();
     int64_t i = 0;
     for (; i + 2 * V <= n; i += 2 * V) {
-      at::vec::convert_from_float<scalar_t>(Vec::loadu(chunk + i), Vec::loadu(chunk + i + V)).store(dst + i);
+      store_pair(Vec::loadu(chunk + i), Vec::loadu(chunk + i + V), dst + i);
     }
     for (; i < n; ++i) {
       dst[i] = static_cast<scalar_t>(chunk[i]);
@@ -528,18 +540,6 @@ struct LeakyRelu {
 
 // No activation: nothing applied, no signs recorded.
 struct NoActivation {};
-
-// Stores two vectors of the accumulation type as 2·V values of T; half and bfloat16 are narrowed
-// in registers (rounded to nearest even, as c10's conversion does).
-template <typename acc_t, typename T>
-inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& high, T* y) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    low.store(y);
-    high.store(y + Vectorized<acc_t>::size());
-  } else {
-    at::vec::convert_from_float<T>(low, high).store(y);
-  }
-}
 
 // The normalize pass of a run, in registers: y = act(((x - hi) - lo) · scale + shift + residual)
 // with the residual (kResidual) and the activation (Act; the signs of its input go to bits
