@@ -71,6 +71,18 @@ inline void store_pair(const Vectorized<acc_t>& low, const Vectorized<acc_t>& hi
   }
 }
 
+// Stores one vector of the accumulation type as V values of T (a half-width store of the
+// narrowed pair for half and bfloat16): the last whole vector of a run whose length is not a
+// multiple of 2·V.
+template <typename acc_t, typename T>
+inline void store_one(const Vectorized<acc_t>& v, T* y) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    v.store(y);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(y, Vectorized<acc_t>::size());
+  }
+}
+
 // Writes a chunk computed in the accumulation type to its half or bfloat16 destination, two
 // vectors at a time narrowed in registers (at::vec::convert narrows one value at a time);
 // a no-op where the chunk is the destination.
@@ -82,6 +94,10 @@ TORCH_BN_FLATTEN inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n
     int64_t i = 0;
     for (; i + 2 * V <= n; i += 2 * V) {
       store_pair(Vec::loadu(chunk + i), Vec::loadu(chunk + i + V), dst + i);
+    }
+    if (i + V <= n) {
+      store_one(Vec::loadu(chunk + i), dst + i);
+      i += V;
     }
     for (; i < n; ++i) {
       dst[i] = static_cast<scalar_t>(chunk[i]);
@@ -350,7 +366,13 @@ inline void grad_input(
 // The signs of a vector's lanes as its low bits: bit k = v[k] > 0 (false for NaN).
 template <typename acc_t>
 inline uint32_t sign_bits(const Vectorized<acc_t>& v) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ));
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    return static_cast<uint32_t>(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_GT_OQ));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ)));
   } else if constexpr (std::is_same_v<acc_t, double>) {
@@ -378,7 +400,13 @@ template <typename acc_t>
 inline Vectorized<acc_t> gate(const Vectorized<acc_t>& dy, uint32_t bits, acc_t slope) {
   using Vec = Vectorized<acc_t>;
   const Vec negative = slope == acc_t(0) ? Vec(acc_t(0)) : dy * Vec(slope);
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_mask_blend_ps(static_cast<__mmask16>(bits), negative, dy);
+  } else if constexpr (std::is_same_v<acc_t, double>) {
+    return _mm512_mask_blend_pd(static_cast<__mmask8>(bits), negative, dy);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i positive = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
@@ -397,17 +425,20 @@ inline Vectorized<acc_t> gate(const Vectorized<acc_t>& dy, uint32_t bits, acc_t 
   return Vec::loadu(lanes);
 }
 
-// Bits [bit, bit + count) of `mask` (count <= 8) as the low bits of the result. The second byte
-// is read only when the bits reach into it, so that nothing past the mask's end is read; within
-// a run of whole vectors of 8 the branch goes the same way every time.
+// Bits [bit, bit + count) of `mask` (count <= 16) as the low bits of the result. A byte past
+// the first is read only when the bits reach into it, so that nothing past the mask's end is
+// read; within a run of whole vectors the branches go the same way every time.
 inline uint32_t mask_bits(const uint8_t* mask, int64_t bit, int count) {
   const uint8_t* byte = mask + (bit >> 3);
-  const int skip = static_cast<int>(bit & 7);
+  const int end = static_cast<int>(bit & 7) + count;
   uint32_t word = byte[0];
-  if (skip + count > 8) {
+  if (end > 8) {
     word |= static_cast<uint32_t>(byte[1]) << 8;
+    if (end > 16) {
+      word |= static_cast<uint32_t>(byte[2]) << 16;
+    }
   }
-  return (word >> skip) & ((1u << count) - 1);
+  return (word >> (bit & 7)) & ((1u << count) - 1);
 }
 
 // Where the loops read dy from: the values of a run, in any floating dtype, widened in registers.
@@ -428,7 +459,7 @@ struct SignGated {
   acc_t slope;
   Vectorized<acc_t> vec(int64_t i) const {
     constexpr int V = Vectorized<acc_t>::size();
-    static_assert(V <= 8, "mask_bits reads at most 8 bits");
+    static_assert(V <= 16, "mask_bits reads at most 16 bits");
     return gate(load<acc_t>(dy + i), mask_bits(mask, bit + i, V), slope);
   }
   acc_t operator[](int64_t i) const {
@@ -572,6 +603,17 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
     store_pair(low, high, y + i);
     return signs_of_step;
   };
+  // The same for the V values from i.
+  const auto single = [&](int64_t i) {
+    Vec v = value(i);
+    uint32_t signs_of_vector = 0;
+    if constexpr (kActivation) {
+      signs_of_vector = sign_bits(v);
+      v = act(v);
+    }
+    store_one(v, y + i);
+    return signs_of_vector;
+  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     uint32_t word = 0;
@@ -587,6 +629,10 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
   uint32_t word = 0;
   for (; i + kStep <= n; i += kStep) {
     word |= step(i) << (i - rest);
+  }
+  if (i + V <= n) {
+    word |= single(i) << (i - rest);
+    i += V;
   }
   for (; i < n; ++i) {
     acc_t v = centered(static_cast<acc_t>(x[i]), hi, lo, i) * scale[i] + shift[i];

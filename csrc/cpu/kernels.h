@@ -1,5 +1,5 @@
 // The CPU kernels' entry points, built once per CPU capability (kernels_default.cpp,
-// kernels_avx2.cpp) and picked at run time by `dispatch`.
+// kernels_avx2.cpp, kernels_avx512.cpp) and picked at run time by TORCH_BN_CPU_DISPATCH.
 #pragma once
 #include "../activation.h"
 #include "../layout.h"
@@ -34,12 +34,25 @@ namespace torch_bn::cpu {
 
 TORCH_BN_DECLARE_CPU_KERNELS(DEFAULT)
 TORCH_BN_DECLARE_CPU_KERNELS(AVX2)
+TORCH_BN_DECLARE_CPU_KERNELS(AVX512)
 #undef TORCH_BN_DECLARE_CPU_KERNELS
 
-// Calls the AVX2 build of a kernel when the CPU has AVX2 and FMA, else the portable one.
-bool cpu_has_avx2();
-#define TORCH_BN_CPU_DISPATCH(kernel, ...)                        \
-  (::torch_bn::cpu::cpu_has_avx2() ? ::torch_bn::cpu::AVX2::kernel(__VA_ARGS__) \
-                                   : ::torch_bn::cpu::DEFAULT::kernel(__VA_ARGS__))
+enum class CpuCapability { DEFAULT, AVX2, AVX512 };
+
+// The best build the CPU runs, capped as torch caps its own kernels by the environment variable
+// ATEN_CPU_CAPABILITY ("default", "avx2", "avx512"), read once.
+CpuCapability cpu_capability();
+
+#define TORCH_BN_CPU_DISPATCH(kernel, ...)                                                         \
+  [&] {                                                                                            \
+    switch (::torch_bn::cpu::cpu_capability()) {                                                   \
+      case ::torch_bn::cpu::CpuCapability::AVX512:                                                 \
+        return ::torch_bn::cpu::AVX512::kernel(__VA_ARGS__);                                       \
+      case ::torch_bn::cpu::CpuCapability::AVX2:                                                   \
+        return ::torch_bn::cpu::AVX2::kernel(__VA_ARGS__);                                         \
+      default:                                                                                     \
+        return ::torch_bn::cpu::DEFAULT::kernel(__VA_ARGS__);                                      \
+    }                                                                                              \
+  }()
 
 } // namespace torch_bn::cpu

@@ -13,18 +13,35 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace torch_bn {
 
 namespace cpu {
-bool cpu_has_avx2() {
+namespace {
+CpuCapability detect_cpu_capability() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string requested = cap ? cap : "";
+  if (avx512 && requested != "avx2" && requested != "default") {
+    return CpuCapability::AVX512;
+  }
+  if (avx2 && requested != "default") {
+    return CpuCapability::AVX2;
+  }
 #endif
+  return CpuCapability::DEFAULT;
+}
+} // namespace
+
+CpuCapability cpu_capability() {
+  static const CpuCapability capability = detect_cpu_capability();
+  return capability;
 }
 } // namespace cpu
 
