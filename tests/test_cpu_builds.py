@@ -1,8 +1,9 @@
 """Every CPU build of the kernels, not just the one this machine picks.
 
-The extension is built once per CPU capability (portable, AVX2, AVX-512) and picks the best the
-CPU runs; ATEN_CPU_CAPABILITY caps it as it caps torch's own kernels. The rest of the suite runs
-the native build, so here the kernel tests run again in a subprocess under each lower cap.
+The extension is built once per CPU capability (portable, AVX2, and AVX-512 for half and
+bfloat16) and picks the best the CPU runs; ATEN_CPU_CAPABILITY caps it as it caps torch's own
+kernels. The rest of the suite runs the native builds, so here the kernel tests run again in a
+subprocess under each lower cap.
 """
 
 import os
@@ -17,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_ops.py", "tests/test_fused.py", "tests/test_numerics.py"]
 CAPS = ["default", "avx2"]
 
-# NCHW float32 statistics of a fixed input, printed bit for bit. (Channels-last sums run one
+# NCHW statistics of a fixed bfloat16 input (the dtype every build takes), printed bit for bit. (Channels-last sums run one
 # channel per lane, in row order whatever the width, so they would not tell the builds apart.)
 STATS_SCRIPT = """
 import torch, torch_bn
 torch.manual_seed(0)
-x = torch.randn(4, 48, 13, 11) * 3 + 1
+x = (torch.randn(4, 48, 13, 11) * 3 + 1).bfloat16()
 _, mean, invstd = torch.ops.torch_bn.forward_train(x, None, None, 1e-5)
 print(torch.cat([mean, invstd]).view(torch.int32).tolist())
 """

@@ -12,7 +12,7 @@
 #define CPU_CAPABILITY_AVX2
 #include "kernels_impl.h"
 #else
-// Elsewhere the AVX2 entry points forward to the portable build, which cpu_capability() picks.
+// Elsewhere the AVX2 entry points forward to the portable build, which cpu_capability_for() picks.
 #define CPU_CAPABILITY AVX2
 #include "kernels_impl.h"
 #endif

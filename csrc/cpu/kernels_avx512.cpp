@@ -1,7 +1,8 @@
-// The AVX-512 build of the CPU kernels (F, BW, VL, DQ: what ATen's AVX512 capability requires):
-// 16 float lanes where AVX2 has 8, which the cache-resident shapes and bfloat16/half, whose
-// conversions are most of their work, gain from. As in kernels_avx2.cpp, the target pragma
-// precedes every include. Only called when the CPU has these extensions.
+// The AVX-512 build of the CPU kernels (F, BW, VL, DQ: what ATen's AVX512 capability requires),
+// for half and bfloat16 only: their conversions are most of their work, and 16 lanes halve it.
+// Float and double stay on the AVX2 build (see cpu_capability_for). As in kernels_avx2.cpp, the
+// target pragma precedes every include. Only called when the CPU has these extensions.
+#define TORCH_BN_REDUCED_PRECISION_ONLY
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 // What the matching -m flags would predefine; Sleef's header declares its functions under them.
@@ -17,7 +18,7 @@
 #define CPU_CAPABILITY_AVX512
 #include "kernels_impl.h"
 #else
-// Elsewhere the AVX512 entry points forward to the portable build, which cpu_capability() picks.
+// Elsewhere the AVX512 entry points forward to the portable build, which cpu_capability_for() picks.
 #define CPU_CAPABILITY AVX512
 #include "kernels_impl.h"
 #endif

@@ -21,6 +21,15 @@
 #include <cmath>
 #include <vector>
 
+// The dtypes this build's entry points take: all floating types, or half and bfloat16 alone for
+// a build that cpu_capability_for() picks only for those (TORCH_BN_REDUCED_PRECISION_ONLY).
+#if defined(TORCH_BN_REDUCED_PRECISION_ONLY)
+#define TORCH_BN_DISPATCH_DTYPES(TYPE, NAME, ...) AT_DISPATCH_REDUCED_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
+#else
+#define TORCH_BN_DISPATCH_DTYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+#endif
+
 namespace torch_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
@@ -658,7 +667,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
 
 void forward_train(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* weight,
                    const double* bias, double eps, const Epilogue& epilogue, double* mean, double* invstd) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_forward_train", [&] {
+  TORCH_BN_DISPATCH_DTYPES(input.scalar_type(), "torch_bn_forward_train", [&] {
     const auto* x = input.const_data_ptr<scalar_t>();
     auto* y = output.mutable_data_ptr<scalar_t>();
     if (shape.rows) {
@@ -671,7 +680,7 @@ void forward_train(const at::Tensor& input, const at::Tensor& output, const Shap
 
 void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* mean,
                const double* scale, const double* shift, const Epilogue& epilogue) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_normalize", [&] {
+  TORCH_BN_DISPATCH_DTYPES(input.scalar_type(), "torch_bn_normalize", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t group_rows = shape.rows ? RowPlan(shape).group_rows : 1;
     normalize_impl(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape,
@@ -696,7 +705,7 @@ void backward(const at::Tensor& grad_output, const at::Tensor& input, const at::
     sum_dy = unused_sums.data();
     sum_dy_xmu = unused_sums.data() + shape.channels;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "torch_bn_backward", [&] {
+  TORCH_BN_DISPATCH_DTYPES(input.scalar_type(), "torch_bn_backward", [&] {
     const auto* dy = grad_output.const_data_ptr<scalar_t>();
     const auto* x = input.const_data_ptr<scalar_t>();
     scalar_t* dx = grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;

@@ -39,9 +39,10 @@ CpuCapability detect_cpu_capability() {
 }
 } // namespace
 
-CpuCapability cpu_capability() {
-  static const CpuCapability capability = detect_cpu_capability();
-  return capability;
+CpuCapability cpu_capability_for(at::ScalarType dtype) {
+  static const CpuCapability best = detect_cpu_capability();
+  const bool reduced_precision = dtype == at::kHalf || dtype == at::kBFloat16;
+  return best == CpuCapability::AVX512 && !reduced_precision ? CpuCapability::AVX2 : best;
 }
 } // namespace cpu
 
