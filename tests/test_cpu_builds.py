@@ -31,12 +31,14 @@ print(torch.cat([mean, invstd]).view(torch.int32).tolist())
 
 def run_python(args, cap):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=cap) if cap else {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    # -P keeps the working directory off sys.path, as scripts/test.sh does, so that `import
+    # torch_bn` finds the installed package (with _C), not the source folder.
+    return subprocess.run([sys.executable, "-P", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize("cap", CAPS)
 def test_kernel_tests_pass_under_capability(cap):
-    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not cuda", *KERNEL_TESTS], cap)
+    result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib", "-k", "not cuda", *KERNEL_TESTS], cap)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 
