@@ -367,10 +367,9 @@ inline void grad_input(
 template <typename acc_t>
 inline uint32_t sign_bits(const Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
+  // That build takes half and bfloat16 alone (kernels_avx512.cpp): float lanes.
   if constexpr (std::is_same_v<acc_t, float>) {
     return static_cast<uint32_t>(_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ));
-  } else if constexpr (std::is_same_v<acc_t, double>) {
-    return static_cast<uint32_t>(_mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_GT_OQ));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -403,8 +402,6 @@ inline Vectorized<acc_t> gate(const Vectorized<acc_t>& dy, uint32_t bits, acc_t 
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     return _mm512_mask_blend_ps(static_cast<__mmask16>(bits), negative, dy);
-  } else if constexpr (std::is_same_v<acc_t, double>) {
-    return _mm512_mask_blend_pd(static_cast<__mmask8>(bits), negative, dy);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<acc_t, float>) {
