@@ -289,27 +289,28 @@ TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* tot
     std::fill(sums.begin(), sums.end(), acc_t(0));
     for (int64_t r0 = p0; r0 < p1; r0 += group_rows) {
       const int64_t r1 = std::min(p1, r0 + group_rows);
-      int64_t c = 0;
-      for (; c + kStrip * V <= C; c += kStrip * V) {
-        Vec strip[kStrip];
-        for (int k = 0; k < kStrip; ++k) {
+      // Adds rows [r0, r1) of the `width` vectors of channels from c into sums.
+      const auto add_strip = [&](auto width, int64_t c) {
+        constexpr int W = decltype(width)::value;
+        Vec strip[W];
+        for (int k = 0; k < W; ++k) {
           strip[k] = Vec::loadu(sums.data() + c + k * V);
         }
         for (int64_t r = r0; r < r1; ++r) {
-          for (int k = 0; k < kStrip; ++k) {
+          for (int k = 0; k < W; ++k) {
             strip[k] += vector_term(r * C + c + k * V, c + k * V);
           }
         }
-        for (int k = 0; k < kStrip; ++k) {
+        for (int k = 0; k < W; ++k) {
           strip[k].store(sums.data() + c + k * V);
         }
+      };
+      int64_t c = 0;
+      for (; c + kStrip * V <= C; c += kStrip * V) {
+        add_strip(std::integral_constant<int, kStrip>{}, c);
       }
       for (; c + V <= C; c += V) {
-        Vec sum = Vec::loadu(sums.data() + c);
-        for (int64_t r = r0; r < r1; ++r) {
-          sum += vector_term(r * C + c, c);
-        }
-        sum.store(sums.data() + c);
+        add_strip(std::integral_constant<int, 1>{}, c);
       }
       for (; c < C; ++c) {
         acc_t sum = sums[c];
@@ -588,26 +589,26 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
       return v;
     }
   };
+  // Applies the activation to v and returns the signs of its input.
+  const auto activate = [&](Vec& v) {
+    uint32_t signs_of_v = 0;
+    if constexpr (kActivation) {
+      signs_of_v = sign_bits(v);
+      v = act(v);
+    }
+    return signs_of_v;
+  };
   // Writes values [i, i + kStep) and returns their signs.
   const auto step = [&](int64_t i) {
     Vec low = value(i), high = value(i + V);
-    uint32_t signs_of_step = 0;
-    if constexpr (kActivation) {
-      signs_of_step = sign_bits(low) | sign_bits(high) << V;
-      low = act(low);
-      high = act(high);
-    }
+    const uint32_t signs_of_step = activate(low) | activate(high) << V;
     store_pair(low, high, y + i);
     return signs_of_step;
   };
   // The same for the V values from i.
   const auto single = [&](int64_t i) {
     Vec v = value(i);
-    uint32_t signs_of_vector = 0;
-    if constexpr (kActivation) {
-      signs_of_vector = sign_bits(v);
-      v = act(v);
-    }
+    const uint32_t signs_of_vector = activate(v);
     store_one(v, y + i);
     return signs_of_vector;
   };
