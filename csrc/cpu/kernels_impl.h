@@ -453,8 +453,9 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
   });
 }
 
-// Channels-last: each block of rows gets an exact two-pass mean and M2 while it is in cache;
-// the blocks are then merged in order with Chan et al.'s pairwise update.
+// Channels-last: each block of rows gets an exact two-pass mean and M2 while it is in L2. The
+// blocks are then merged with the two-pass formula over their means,
+// M2 = Σ (m2_b + n_b·(mean_b - mean)²), in loops that run along the channels.
 template <typename scalar_t>
 void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
                         const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
@@ -463,27 +464,29 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
   using Vec = Vectorized<acc_t>;
   const RowPlan plan(s);
   const int64_t C = s.channels;
-  // Shifting by the first row keeps the terms of the first pass small.
+  // Shifting by the first row keeps the terms of the first pass small; the blocks keep their
+  // means relative to it.
   std::vector<acc_t> first_row(C);
   for (const auto c : c10::irange(C)) {
     first_row[c] = static_cast<acc_t>(x[c]);
   }
-  std::vector<double> block_mean(plan.num_blocks * C), block_m2(plan.num_blocks * C);
+  std::vector<double> block_offset(plan.num_blocks * C), block_m2(plan.num_blocks * C);
+  const auto rows_in = [&](int64_t block) {
+    return std::min(plan.rows, (block + 1) * plan.block_rows) - block * plan.block_rows;
+  };
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     std::vector<acc_t> hi(C), lo(C);
-    std::vector<double> totals(C);
-    const int64_t r0 = block * plan.block_rows;
-    const int64_t rows = std::min(plan.rows, r0 + plan.block_rows) - r0;
-    const scalar_t* rows_x = x + r0 * C;
+    const int64_t rows = rows_in(block);
+    const scalar_t* rows_x = x + block * plan.block_rows * C;
     const acc_t* shift = first_row.data();
+    double* offset = block_offset.data() + block * C;
     reduce_columns<acc_t>(
-        rows, C, totals.data(),
+        rows, C, offset,
         [&](int64_t i, int64_t c) { return load<acc_t>(rows_x + i) - Vec::loadu(shift + c); },
         [&](int64_t i, int64_t c) { return static_cast<acc_t>(rows_x[i]) - shift[c]; });
-    double* mean = block_mean.data() + block * C;
     for (const auto c : c10::irange(C)) {
-      mean[c] = static_cast<double>(first_row[c]) + totals[c] / static_cast<double>(rows);
-      const auto m = split_mean<acc_t>(mean[c]);
+      offset[c] /= static_cast<double>(rows);
+      const auto m = split_mean<acc_t>(static_cast<double>(first_row[c]) + offset[c]);
       hi[c] = m.hi;
       lo[c] = m.lo;
     }
@@ -499,18 +502,28 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
           return acc_t(d * d);
         });
   });
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    for (const auto c : c10::irange(c0, c1)) {
-      Moments moments;
-      for (const auto block : c10::irange(plan.num_blocks)) {
-        const double rows = static_cast<double>(
-            std::min(plan.rows, (block + 1) * plan.block_rows) - block * plan.block_rows);
-        moments.merge(rows, block_mean[block * C + c], block_m2[block * C + c]);
-      }
-      mean_out[c] = moments.mean;
-      invstd_out[c] = 1.0 / std::sqrt(moments.m2 / moments.count + eps);
+  const double count = static_cast<double>(plan.rows);
+  std::vector<double> offset(C, 0.0), m2(C, 0.0);
+  for (const auto block : c10::irange(plan.num_blocks)) {
+    const double n = static_cast<double>(rows_in(block));
+    for (const auto c : c10::irange(C)) {
+      offset[c] += n * block_offset[block * C + c];
     }
-  });
+  }
+  for (const auto c : c10::irange(C)) {
+    offset[c] /= count;
+  }
+  for (const auto block : c10::irange(plan.num_blocks)) {
+    const double n = static_cast<double>(rows_in(block));
+    for (const auto c : c10::irange(C)) {
+      const double d = block_offset[block * C + c] - offset[c];
+      m2[c] += block_m2[block * C + c] + n * d * d;
+    }
+  }
+  for (const auto c : c10::irange(C)) {
+    mean_out[c] = static_cast<double>(first_row[c]) + offset[c];
+    invstd_out[c] = 1.0 / std::sqrt(m2[c] / count + eps);
+  }
   const auto scale = scale_by_invstd(s, weight, invstd_out);
   normalize_impl(x, y, s, ChannelAffine<acc_t>(C, plan.group_rows, mean_out, scale.data(), bias), epilogue,
                  /*recent_first=*/true);
@@ -618,14 +631,14 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
       fold_groups(dots, C, block_dot.data() + block * C);
     }
   });
-  for (const auto c : c10::irange(C)) {
-    double sum = 0, dot = 0;
-    for (const auto block : c10::irange(plan.num_blocks)) {
-      sum += block_sum[block * C + c];
-      dot += block_dot[block * C + c];
+  // Block by block, so that the loops run along the channels.
+  std::fill(sum_dy, sum_dy + C, 0.0);
+  std::fill(sum_dy_xmu, sum_dy_xmu + C, 0.0);
+  for (const auto block : c10::irange(plan.num_blocks)) {
+    for (const auto c : c10::irange(C)) {
+      sum_dy[c] += block_sum[block * C + c];
+      sum_dy_xmu[c] += block_dot[block * C + c];
     }
-    sum_dy[c] = sum;
-    sum_dy_xmu[c] = dot;
   }
   if (!dx) {
     return;
