@@ -9,8 +9,9 @@ cd "$repo"
 # Keep freed memory in the process: otherwise glibc hands large freed blocks back to the kernel,
 # and every op that allocates its output (torch_bn, torch.nn, torch.compile and the reference
 # x.clone() alike) pays for the kernel zeroing fresh pages, which on this 2-core machine costs
-# about as much as the copy itself. glibc caps the mmap threshold at 32 MiB, so outputs larger
-# than that still get fresh pages.
+# about as much as the copy itself. No trimming of the heap, and no mmap for large blocks (glibc
+# caps the mmap threshold at 32 MiB, and ResNet-50's largest activations are 100 MB), so that
+# after the warm-up every output reuses memory the process already has.
 export MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-17179869184}
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-33554432}
+export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0}
 exec "$venv/bin/python" benchmarks/bench.py "$@"
