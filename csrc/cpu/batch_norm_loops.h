@@ -83,25 +83,39 @@ inline void store_one(const Vectorized<acc_t>& v, T* y) {
   }
 }
 
-// Writes a chunk computed in the accumulation type to its half or bfloat16 destination, two
-// vectors at a time narrowed in registers (at::vec::convert narrows one value at a time);
-// a no-op where the chunk is the destination.
-template <typename scalar_t, typename acc_t>
-TORCH_BN_FLATTEN inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    using Vec = Vectorized<acc_t>;
-    constexpr int64_t V = Vec::size();
-    int64_t i = 0;
+// Writes y[i] = value(i) for i in [0, n) as T: in the accumulation type a vector at a time; in
+// half and bfloat16 two vectors at a time, narrowed in registers (store_pair; at::vec::convert
+// narrows one value at a time), then one vector. Then the scalar tail. vector_value(i) gives the
+// vector of values i .. i + V - 1 and scalar_value(i) value i, both in the accumulation type.
+template <typename acc_t, typename T, typename VectorValue, typename ScalarValue>
+TORCH_BN_FLATTEN inline void write_run(T* y, int64_t n, const VectorValue& vector_value, const ScalarValue& scalar_value) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    for (; i + V <= n; i += V) {
+      vector_value(i).store(y + i);
+    }
+  } else {
     for (; i + 2 * V <= n; i += 2 * V) {
-      store_pair(Vec::loadu(chunk + i), Vec::loadu(chunk + i + V), dst + i);
+      store_pair(vector_value(i), vector_value(i + V), y + i);
     }
     if (i + V <= n) {
-      store_one(Vec::loadu(chunk + i), dst + i);
+      store_one(vector_value(i), y + i);
       i += V;
     }
-    for (; i < n; ++i) {
-      dst[i] = static_cast<scalar_t>(chunk[i]);
-    }
+  }
+  for (; i < n; ++i) {
+    y[i] = static_cast<T>(scalar_value(i));
+  }
+}
+
+// Writes a chunk computed in the accumulation type to its half or bfloat16 destination; a no-op
+// where the chunk is the destination.
+template <typename scalar_t, typename acc_t>
+inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    write_run<acc_t>(
+        dst, n, [&](int64_t i) { return Vectorized<acc_t>::loadu(chunk + i); }, [&](int64_t i) { return chunk[i]; });
   }
 }
 
@@ -328,40 +342,25 @@ TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* tot
 
 // dx = dy · k: the input gradient in evaluation, where the statistics are constants (x is not
 // read, so a NaN in x does not reach dx, as in torch).
-template <typename acc_t, typename D, typename P>
-inline void scale_by(D dy, acc_t* dx, int64_t n, P k) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    (dy.vec(i) * k.vec(i)).store(dx + i);
-  }
-  for (; i < n; ++i) {
-    dx[i] = dy[i] * k[i];
-  }
+template <typename acc_t, typename D, typename T, typename P>
+inline void scale_by(D dy, T* dx, int64_t n, P k) {
+  write_run<acc_t>(
+      dx, n, [&](int64_t i) { return dy.vec(i) * k.vec(i); }, [&](int64_t i) { return acc_t(dy[i] * k[i]); });
 }
 
 // Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
 template <typename acc_t, typename D, typename T, typename P>
-inline void grad_input(
-    D dy,
-    const T* x,
-    acc_t* dx,
-    int64_t n,
-    P hi,
-    P lo,
-    P k1,
-    P k2,
-    P k3) {
-  using Vec = Vectorized<acc_t>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec d = centered(load<acc_t>(x + i), hi, lo, i);
-    (dy.vec(i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i)).store(dx + i);
-  }
-  for (; i < n; ++i) {
-    dx[i] = dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i];
-  }
+inline void grad_input(D dy, const T* x, T* dx, int64_t n, P hi, P lo, P k1, P k2, P k3) {
+  write_run<acc_t>(
+      dx, n,
+      [&](int64_t i) {
+        const Vectorized<acc_t> d = centered(load<acc_t>(x + i), hi, lo, i);
+        return dy.vec(i) * k1.vec(i) - d * k2.vec(i) - k3.vec(i);
+      },
+      [&](int64_t i) {
+        return acc_t(dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i]);
+      });
 }
 
 // The signs of a vector's lanes as its low bits: bit k = v[k] > 0 (false for NaN).

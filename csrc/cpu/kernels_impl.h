@@ -554,7 +554,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> out(chunk_buffer_size<scalar_t, acc_t>()), hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
+    std::vector<acc_t> hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
     std::vector<RunTotal<acc_t>> sum_totals(channels), dot_totals(channels);
     for (const auto i : c10::irange(channels)) {
       const auto m = split_mean<acc_t>(mean[c0 + i]);
@@ -588,16 +588,14 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       k3[i] = static_cast<acc_t>(k.k3);
     }
     plan.for_each_group_run(c0, c1, [&](int64_t i, int64_t first, int64_t len) {
-      acc_t* dx_chunk = output_chunk(dx + first, out.data());
       grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
         if (training) {
-          grad_input<acc_t>(dz, x + first, dx_chunk, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
+          grad_input<acc_t>(dz, x + first, dx + first, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]},
                             Uniform<acc_t>{k1[i]}, Uniform<acc_t>{k2[i]}, Uniform<acc_t>{k3[i]});
         } else {
-          scale_by<acc_t>(dz, dx_chunk, len, Uniform<acc_t>{k1[i]});
+          scale_by<acc_t>(dz, dx + first, len, Uniform<acc_t>{k1[i]});
         }
       });
-      narrow(dx_chunk, dx + first, len);
     });
   });
 }
@@ -656,22 +654,19 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> out(chunk_buffer_size<scalar_t, acc_t>());
     const int64_t r0 = block * plan.block_rows;
     plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
         [&](int64_t first, int64_t position, int64_t n) {
-          acc_t* dx_chunk = output_chunk(dx + first, out.data());
           grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
             if (training) {
-              grad_input<acc_t>(dz, x + first, dx_chunk, n, PerChannel<acc_t>{centering.hi.data() + position},
+              grad_input<acc_t>(dz, x + first, dx + first, n, PerChannel<acc_t>{centering.hi.data() + position},
                                 PerChannel<acc_t>{centering.lo.data() + position},
                                 PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
                                 PerChannel<acc_t>{k3.data() + position});
             } else {
-              scale_by<acc_t>(dz, dx_chunk, n, PerChannel<acc_t>{k1.data() + position});
+              scale_by<acc_t>(dz, dx + first, n, PerChannel<acc_t>{k1.data() + position});
             }
           });
-          narrow(dx_chunk, dx + first, n);
         });
   });
 }
