@@ -238,11 +238,17 @@ struct RowPlan {
     num_blocks = div_up(rows, block_rows);
   }
 
-  // Calls f(first_value, length) on the groups of rows [r0, r1), chunk by chunk, with
-  // `position` the offset inside the group (the index into tiled per-channel arrays).
+  int64_t block_start(int64_t block) const { return block * block_rows; }
+
+  // The rows of a block: block_rows, fewer in the last.
+  int64_t rows_in(int64_t block) const { return std::min(block_rows, rows - block_start(block)); }
+
+  // Calls f(first_value, position, length) on the groups of rows of a block, chunk by chunk,
+  // with `position` the offset inside the group (the index into tiled per-channel arrays).
   template <typename F>
-  void for_each_chunk_in(int64_t r0, int64_t r1, const F& f) const {
-    for (int64_t r = r0; r < r1; r += group_rows) {
+  void for_each_chunk_in(int64_t block, const F& f) const {
+    const int64_t r1 = block_start(block) + rows_in(block);
+    for (int64_t r = block_start(block); r < r1; r += group_rows) {
       const int64_t length = std::min(group_rows, r1 - r) * channels;
       for_each_chunk(length, [&](int64_t position, int64_t n) { f(r * channels + position, position, n); });
     }
@@ -354,12 +360,10 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     const auto write_rows = [&](const auto& mean_of) {
       for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
         NormalizeWriter<scalar_t> writer(x, y, epilogue);
-        const int64_t r0 = block * plan.block_rows;
-        plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
-            [&](int64_t first, int64_t position, int64_t n) {
-              writer.write(first, n, mean_of(p.mean.hi, position), mean_of(p.mean.lo, position),
-                           PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
-            });
+        plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
+          writer.write(first, n, mean_of(p.mean.hi, position), mean_of(p.mean.lo, position),
+                       PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
+        });
       });
     };
     if (p.centered) {
@@ -471,13 +475,10 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     first_row[c] = static_cast<acc_t>(x[c]);
   }
   std::vector<double> block_offset(plan.num_blocks * C), block_m2(plan.num_blocks * C);
-  const auto rows_in = [&](int64_t block) {
-    return std::min(plan.rows, (block + 1) * plan.block_rows) - block * plan.block_rows;
-  };
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     std::vector<acc_t> hi(C), lo(C);
-    const int64_t rows = rows_in(block);
-    const scalar_t* rows_x = x + block * plan.block_rows * C;
+    const int64_t rows = plan.rows_in(block);
+    const scalar_t* rows_x = x + plan.block_start(block) * C;
     const acc_t* shift = first_row.data();
     double* offset = block_offset.data() + block * C;
     reduce_columns<acc_t>(
@@ -503,25 +504,25 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
         });
   });
   const double count = static_cast<double>(plan.rows);
-  std::vector<double> offset(C, 0.0), m2(C, 0.0);
+  std::vector<double> mean_offset(C, 0.0), m2(C, 0.0);
   for (const auto block : c10::irange(plan.num_blocks)) {
-    const double n = static_cast<double>(rows_in(block));
+    const double n = static_cast<double>(plan.rows_in(block));
     for (const auto c : c10::irange(C)) {
-      offset[c] += n * block_offset[block * C + c];
+      mean_offset[c] += n * block_offset[block * C + c];
     }
   }
   for (const auto c : c10::irange(C)) {
-    offset[c] /= count;
+    mean_offset[c] /= count;
   }
   for (const auto block : c10::irange(plan.num_blocks)) {
-    const double n = static_cast<double>(rows_in(block));
+    const double n = static_cast<double>(plan.rows_in(block));
     for (const auto c : c10::irange(C)) {
-      const double d = block_offset[block * C + c] - offset[c];
+      const double d = block_offset[block * C + c] - mean_offset[c];
       m2[c] += block_m2[block * C + c] + n * d * d;
     }
   }
   for (const auto c : c10::irange(C)) {
-    mean_out[c] = static_cast<double>(first_row[c]) + offset[c];
+    mean_out[c] = static_cast<double>(first_row[c]) + mean_offset[c];
     invstd_out[c] = 1.0 / std::sqrt(m2[c] / count + eps);
   }
   const auto scale = scale_by_invstd(s, weight, invstd_out);
@@ -612,22 +613,16 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, prologue);
-    std::vector<acc_t> sums(tiled), dots(tiled);
-    {
-      const int64_t r0 = block * plan.block_rows;
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      std::fill(dots.begin(), dots.end(), acc_t(0));
-      plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
-          [&](int64_t first, int64_t position, int64_t n) {
-            ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
-            grad.read(first, n, /*store_residual_grad=*/true, [&](const auto& dz) {
-              reduce_dy_dot<acc_t>(dz, x + first, n, PerChannel<acc_t>{centering.hi.data() + position},
-                                   PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
-            });
-          });
-      fold_groups(sums, C, block_sum.data() + block * C);
-      fold_groups(dots, C, block_dot.data() + block * C);
-    }
+    std::vector<acc_t> sums(tiled, acc_t(0)), dots(tiled, acc_t(0));
+    plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
+      ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
+      grad.read(first, n, /*store_residual_grad=*/true, [&](const auto& dz) {
+        reduce_dy_dot<acc_t>(dz, x + first, n, PerChannel<acc_t>{centering.hi.data() + position},
+                             PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
+      });
+    });
+    fold_groups(sums, C, block_sum.data() + block * C);
+    fold_groups(dots, C, block_dot.data() + block * C);
   });
   // Block by block, so that the loops run along the channels.
   std::fill(sum_dy, sum_dy + C, 0.0);
@@ -654,20 +649,18 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, prologue);
-    const int64_t r0 = block * plan.block_rows;
-    plan.for_each_chunk_in(r0, std::min(plan.rows, r0 + plan.block_rows),
-        [&](int64_t first, int64_t position, int64_t n) {
-          grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
-            if (training) {
-              grad_input<acc_t>(dz, x + first, dx + first, n, PerChannel<acc_t>{centering.hi.data() + position},
-                                PerChannel<acc_t>{centering.lo.data() + position},
-                                PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
-                                PerChannel<acc_t>{k3.data() + position});
-            } else {
-              scale_by<acc_t>(dz, dx + first, n, PerChannel<acc_t>{k1.data() + position});
-            }
-          });
-        });
+    plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
+      grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
+        if (training) {
+          grad_input<acc_t>(dz, x + first, dx + first, n, PerChannel<acc_t>{centering.hi.data() + position},
+                            PerChannel<acc_t>{centering.lo.data() + position},
+                            PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
+                            PerChannel<acc_t>{k3.data() + position});
+        } else {
+          scale_by<acc_t>(dz, dx + first, n, PerChannel<acc_t>{k1.data() + position});
+        }
+      });
+    });
   });
 }
 
