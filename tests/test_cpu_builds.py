@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_ops.py", "tests/test_fused.py", "tests/test_numerics.py"]
 CAPS = ["default", "avx2"]
 
-# NCHW statistics of a fixed bfloat16 input (the dtype every build takes), printed bit for bit. (Channels-last sums run one
-# channel per lane, in row order whatever the width, so they would not tell the builds apart.)
+# NCHW statistics of a fixed bfloat16 input (the dtype every build takes), printed bit for bit.
+# (Channels-last sums run one channel per lane, in row order whatever the width, so they would
+# not tell the builds apart.)
 STATS_SCRIPT = """
 import torch, torch_bn
 torch.manual_seed(0)
