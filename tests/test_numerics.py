@@ -106,12 +106,15 @@ def train_steps(bn, inputs):
     return results
 
 
+# Large enough that the kernels split the work between threads; 7x7 planes are summed by
+# position across a group of channels whose width depends on the thread count.
+@pytest.mark.parametrize("size", [20, 7])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, device):
-    # Large enough that the kernels split the work between threads.
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size, device):
+    shape = (16, 24, size, size)
     inputs = [
-        ((torch.randn(16, 24, 20, 20) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(16, 24, 20, 20).to(device, dtype))
+        ((torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(shape).to(device, dtype))
         for _ in range(2)
     ]
     initial = torch_bn.BatchNorm2d(24).to(device)

@@ -233,29 +233,44 @@ inline acc_t centered(acc_t x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) 
 // RunTotal's lanes then stay in registers through the run. Added to in place, they would be
 // stored after every step, since a vector type may alias the float input read between steps.
 
-// Σ (x - shift), the shift being a sample of the channel so that the terms are small.
-template <typename acc_t, typename T, typename P, typename Out>
-inline void reduce_shifted(const T* x, int64_t n, const P& shift, Out& out) {
-  Out total = out;
-  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { total.add(slot, j, load<acc_t>(x + j) - shift.vec(j)); });
-  for (; i < n; ++i) {
-    total.add(i, acc_t(static_cast<acc_t>(x[i]) - shift[i]));
+// The terms of the two statistics passes over a chunk, as term(x, a, b, i) with a and b sources
+// of per-channel values (Uniform over a run of one channel, PerChannel over positions).
+// The first pass: x - shift (a), the shift being a sample of the channel so that the terms are
+// small.
+template <typename acc_t>
+struct ShiftedTerm {
+  template <typename P>
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& x, const P& shift, const P& /*unused*/, int64_t i) const {
+    return x - shift.vec(i);
   }
-  out = total;
-}
+  template <typename P>
+  acc_t operator()(acc_t x, const P& shift, const P& /*unused*/, int64_t i) const {
+    return x - shift[i];
+  }
+};
 
-// Σ ((x - hi) - lo)², the second pass of a two-pass variance.
-template <typename acc_t, typename T, typename P, typename Out>
-inline void reduce_sq_centered(const T* x, int64_t n, const P& hi, const P& lo, Out& out) {
-  using Vec = Vectorized<acc_t>;
+// The second pass of a two-pass variance: ((x - hi) - lo)², the mean being hi + lo (a, b).
+template <typename acc_t>
+struct SquaredDeviation {
+  template <typename P>
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& x, const P& hi, const P& lo, int64_t i) const {
+    const Vectorized<acc_t> d = centered(x, hi, lo, i);
+    return d * d;
+  }
+  template <typename P>
+  acc_t operator()(acc_t x, const P& hi, const P& lo, int64_t i) const {
+    const acc_t d = centered(x, hi, lo, i);
+    return d * d;
+  }
+};
+
+// Σ term(x, a, b) over a run.
+template <typename acc_t, typename T, typename Term, typename P, typename Out>
+inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, Out& out) {
   Out total = out;
-  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    const Vec d = centered(load<acc_t>(x + j), hi, lo, j);
-    total.add(slot, j, d * d);
-  });
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { total.add(slot, j, term(load<acc_t>(x + j), a, b, j)); });
   for (; i < n; ++i) {
-    const acc_t d = centered(static_cast<acc_t>(x[i]), hi, lo, i);
-    total.add(i, acc_t(d * d));
+    total.add(i, term(static_cast<acc_t>(x[i]), a, b, i));
   }
   out = total;
 }
@@ -280,16 +295,17 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   dot = dot_total;
 }
 
-// Per-channel sums over `rows` rows of C channels (a channels-last block), a strip of channels
+// Per-column sums over `rows` rows of C columns, row r starting at r·stride (a channels-last
+// block, whose columns are its channels, or the short planes of an NCHW group), a strip of columns
 // at a time: the strip's totals stay in registers down a group of rows, where adding each row
 // into per-channel totals in memory would load and store them for every vector. A group is a
 // few KiB of consecutive rows, so that its rows, read strip by strip, are a handful of streams
-// (a wide row read down a whole block would be a stream per row and miss L1). For every channel
-// c, total[c] = Σ_r term(value at r·C + c, c), summed in row order in the accumulation type
-// over pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c) and
-// scalar_term(offset, c) give the terms of a vector (channels c .. c + V - 1) and of a channel.
+// (a wide row read down a whole block would be a stream per row and miss L1). For every column
+// c, total[c] = Σ_r term(value at r·stride + c, c), summed in row order in the accumulation
+// type over pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c)
+// and scalar_term(offset, c) give the terms of a vector (columns c .. c + V - 1) and of a column.
 template <typename acc_t, typename VectorTerm, typename ScalarTerm>
-TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* total, const VectorTerm& vector_term,
+TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, int64_t stride, double* total, const VectorTerm& vector_term,
                                             const ScalarTerm& scalar_term) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -312,7 +328,7 @@ TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* tot
         }
         for (int64_t r = r0; r < r1; ++r) {
           for (int k = 0; k < W; ++k) {
-            strip[k] += vector_term(r * C + c + k * V, c + k * V);
+            strip[k] += vector_term(r * stride + c + k * V, c + k * V);
           }
         }
         for (int k = 0; k < W; ++k) {
@@ -329,7 +345,7 @@ TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, double* tot
       for (; c < C; ++c) {
         acc_t sum = sums[c];
         for (int64_t r = r0; r < r1; ++r) {
-          sum += scalar_term(r * C + c, c);
+          sum += scalar_term(r * stride + c, c);
         }
         sums[c] = sum;
       }
