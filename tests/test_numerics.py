@@ -107,7 +107,8 @@ def train_steps(bn, inputs):
 
 
 # Large enough that the kernels split the work between threads; 7x7 planes are summed by
-# position across a group of channels whose width depends on the thread count.
+# position across a group of channels, whose width decides which values take a loop's scalar
+# tail, so it must not follow the thread count.
 @pytest.mark.parametrize("size", [20, 7])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -421,14 +421,18 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     plan.for_each_group([&](int64_t c0, int64_t c1) {
       NormalizeWriter<scalar_t> writer(x, y, epilogue);
       const auto of_group = [&](const std::vector<acc_t>& v) { return std::vector<acc_t>(v.begin() + c0, v.begin() + c1); };
-      plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.mean.hi), of_group(p.mean.lo), of_group(p.scale), of_group(p.shift)},
-                                       [&](int64_t first, int64_t n, const auto& view) {
-                                         if (p.centered) {
+      // Folded means are not spread to positions at all: they would be zeros read for nothing.
+      if (p.centered) {
+        plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.mean.hi), of_group(p.mean.lo), of_group(p.scale), of_group(p.shift)},
+                                         [&](int64_t first, int64_t n, const auto& view) {
                                            writer.write(first, n, view(0), view(1), view(2), view(3));
-                                         } else {
-                                           writer.write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view(2), view(3));
-                                         }
-                                       });
+                                         });
+      } else {
+        plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.scale), of_group(p.shift)},
+                                         [&](int64_t first, int64_t n, const auto& view) {
+                                           writer.write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view(0), view(1));
+                                         });
+      }
     });
     return;
   }
