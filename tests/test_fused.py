@@ -289,8 +289,8 @@ def pack_bits(z, channels_last):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 # 120 and 135 elements: whole and partial last byte; 7x7 planes in several tasks, whose spans
-# share bytes at their ends.
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 5, 3, 3), (8, 24, 7, 7)], ids=str)
+# share bytes at their ends, written plane by plane and (batch 32) a row of a group at a time.
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 5, 3, 3), (8, 24, 7, 7), (32, 24, 7, 7)], ids=str)
 def test_mask_holds_the_sign_of_z_in_memory_order(shape, channels_last, training):
     x = random_input(shape, torch.float32, "cpu", channels_last)
     residual = torch.randn(shape)

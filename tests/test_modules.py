@@ -135,6 +135,7 @@ def test_matches_torch_nn(dims, dtype, channels_last, training, affine, track_ru
         (2, (2, 17, 3, 5)),  # C not a multiple of 8 or 16
         (2, (3, 16, 7, 9)),
         (2, (4, 5, 1, 1)),  # spatial size 1
+        (2, (24, 40, 3, 3)),  # short planes in a batch that the kernels sum and write by position
         (2, (1, 3, 4, 5)),  # N = 1 with spatial > 1
         (3, (2, 17, 3, 2, 5)),
         (3, (1, 3, 1, 1, 2)),

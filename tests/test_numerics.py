@@ -106,14 +106,14 @@ def train_steps(bn, inputs):
     return results
 
 
-# Large enough that the kernels split the work between threads; 7x7 planes are summed by
-# position across a group of channels, whose width decides which values take a loop's scalar
-# tail, so it must not follow the thread count.
+# Large enough that the kernels split the work between threads; 7x7 planes in a batch of 32
+# are summed by position across a group of channels, whose width decides which values take a
+# loop's scalar tail, so it must not follow the thread count.
 @pytest.mark.parametrize("size", [20, 7])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size, device):
-    shape = (16, 24, size, size)
+    shape = (32, 24, size, size)
     inputs = [
         ((torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(shape).to(device, dtype))
         for _ in range(2)

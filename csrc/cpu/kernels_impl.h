@@ -42,8 +42,10 @@ constexpr int64_t kMinBlockRows = 64;
 constexpr int64_t kMinGroupValues = 1024;
 // Values per task for at::parallel_for in the element-wise passes.
 constexpr int64_t kGrainValues = 32768;
-// NCHW planes of fewer values are short (see PlanarPlan::short_planes).
+// NCHW planes of fewer values are summed and written by position when the batch has at least
+// kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
+constexpr int64_t kMinPositionRows = 24;
 
 int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -83,7 +85,7 @@ void for_each_chunk(int64_t n, const F& f) {
 }
 
 // Per-channel values each repeated `inner` times: the value at every position of a planar
-// group's row (see PlanarPlan::short_planes).
+// group's row (see PlanarPlan::by_position).
 template <typename acc_t>
 std::vector<acc_t> spread(const std::vector<acc_t>& values, int64_t inner) {
   std::vector<acc_t> out(values.size() * inner);
@@ -105,8 +107,8 @@ struct PlanarPlan {
   static constexpr int64_t kGroupBytes = 256 * 1024;
   // Groups per thread, so that a thread count that does not divide the groups idles little.
   static constexpr int64_t kGroupsPerThread = 4;
-  // Groups at least, for short planes.
-  static constexpr int64_t kShortPlaneGroups = 16;
+  // Groups at least, by position.
+  static constexpr int64_t kPositionGroups = 16;
 
   const Shape& s;
   int64_t group;
@@ -114,10 +116,10 @@ struct PlanarPlan {
   // `bytes_per_value`: the input bytes read per value of x (x, or x and dy).
   PlanarPlan(const Shape& s, int64_t bytes_per_value) : s(s) {
     const int64_t channel_bytes = std::max<int64_t>(1, s.batch * s.inner * bytes_per_value);
-    // With short planes a group's width decides which positions fall in a loop's scalar tail,
+    // By position a group's width decides which positions fall in a loop's scalar tail,
     // whose rounding can differ from the vector lanes': there, the groups are cut alike
     // whatever the thread count.
-    const int64_t tasks = short_planes() ? kShortPlaneGroups : kGroupsPerThread * at::get_num_threads();
+    const int64_t tasks = by_position() ? kPositionGroups : kGroupsPerThread * at::get_num_threads();
     const int64_t most = std::max<int64_t>(1, s.channels / tasks);
     group = std::clamp<int64_t>(kGroupBytes / channel_bytes, 1, most);
   }
@@ -131,8 +133,11 @@ struct PlanarPlan {
   // element-wise passes write a row at a time. Forward-train at 32x512x7x7 and 32x2048x7x7 is
   // 8-16% faster so (bfloat16 17%), bfloat16 evaluation 25% (float32 even); at 14x14 it was
   // 22% slower, per-position coefficients costing a load each where a plane's run broadcasts
-  // them.
-  bool short_planes() const { return s.inner < kShortPlane; }
+  // them. Each pass of a group first spreads its per-channel values to positions, a row's
+  // width each, which only enough rows pay for: at 1x2048x7x7 forward-train took 0.44 ms so
+  // against 0.12 ms by runs, and runs stayed faster up to a batch of 16 but were even or
+  // slower from 24 (interleaved A/B, float32 and bfloat16).
+  bool by_position() const { return s.inner < kShortPlane && s.batch >= kMinPositionRows; }
 
   // Calls f(c0, c1) on every group of channels [c0, c1), in parallel.
   template <typename F>
@@ -176,7 +181,7 @@ struct PlanarPlan {
   // for short planes a row of the group.
   template <typename acc_t, typename Write>
   void for_each_group_write(int64_t c0, int64_t c1, std::vector<std::vector<acc_t>> values, const Write& write) const {
-    if (short_planes()) {
+    if (by_position()) {
       for (auto& v : values) {
         v = spread(v, s.inner);
       }
@@ -417,7 +422,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     return;
   }
   const PlanarPlan plan(s, sizeof(scalar_t));
-  if (plan.short_planes()) {
+  if (plan.by_position()) {
     plan.for_each_group([&](int64_t c0, int64_t c1) {
       NormalizeWriter<scalar_t> writer(x, y, epilogue);
       const auto of_group = [&](const std::vector<acc_t>& v) { return std::vector<acc_t>(v.begin() + c0, v.begin() + c1); };
@@ -562,7 +567,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
   const PlanarPlan plan(s, sizeof(scalar_t));
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
-    const auto moments = plan.short_planes()
+    const auto moments = plan.by_position()
                              ? planar_moments<acc_t>(x, plan, c0, c1, SumByPosition<acc_t, scalar_t>{x, plan, c0, c1})
                              : planar_moments<acc_t>(x, plan, c0, c1, SumByRun<acc_t, scalar_t>{x, plan, c0, c1});
     std::vector<acc_t> hi(channels), lo(channels), scale(channels), shift(channels);
