@@ -178,7 +178,7 @@ struct PlanarPlan {
 
   // Calls write(first, n, view) on runs covering the group in memory order, view(k) being the
   // run's source (Uniform or PerChannel) of the per-channel `values[k]`: a run is a plane, or
-  // for short planes a row of the group.
+  // by position a row of the group.
   template <typename acc_t, typename Write>
   void for_each_group_write(int64_t c0, int64_t c1, std::vector<std::vector<acc_t>> values, const Write& write) const {
     if (by_position()) {
@@ -491,7 +491,7 @@ struct SumByRun {
   }
 };
 
-// The same for short planes: each position summed down the chunk's rows, then a channel's
+// The same by position: each position summed down the chunk's rows, then a channel's
 // positions added in order.
 template <typename acc_t, typename scalar_t>
 struct SumByPosition {
