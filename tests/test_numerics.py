@@ -46,6 +46,26 @@ def test_large_mean_small_spread(mean, std, bound, layout, training, device):
     assert errors["torch_bn"] <= bound, f"relative errors {errors}, bound {bound}"
 
 
+def test_batch_drifting_far_from_its_mean(device):
+    """Statistics of an input whose images lie far apart (an offset of 50 per image, spread 1
+    within one): in channels-last every block of rows lies far from the whole batch's mean, where
+    the one-pass block moments would cancel, and takes the exact two-pass ones instead."""
+    offsets = 50.0 * (torch.arange(32, dtype=torch.float64) - 16.0)
+    x = (torch.randn(32, 40, 14, 14, dtype=torch.float64) + offsets.view(-1, 1, 1, 1)).float()
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    exact_input = x.double()
+    bn = torch_bn.BatchNorm2d(40, momentum=1.0).to(device)
+    with torch.no_grad():
+        output = bn(x)
+    reference = torch.nn.functional.batch_norm(exact_input, None, None, training=True, eps=bn.eps)
+    assert relative_error(output, reference) <= 1e-6
+    # momentum=1 leaves the batch statistics themselves in the running buffers; the mean is
+    # measured against the channel's spread (about 460), the variance against itself.
+    mean_error = (bn.running_mean.double() - exact_input.mean((0, 2, 3))).abs()
+    assert (mean_error <= 1e-6 * exact_input.std((0, 2, 3))).all(), mean_error.max()
+    torch.testing.assert_close(bn.running_var.double(), exact_input.var((0, 2, 3)), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -7,6 +7,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -272,6 +273,23 @@ struct SquaredDeviation {
   }
 };
 
+// Both sums of a one-pass variance, (x - shift, (x - shift)²), the shift (a) lying near the
+// mean (see forward_train_rows).
+template <typename acc_t>
+struct ShiftedMoments {
+  template <typename P>
+  std::array<Vectorized<acc_t>, 2> operator()(const Vectorized<acc_t>& x, const P& shift, const P& /*unused*/,
+                                             int64_t i) const {
+    const Vectorized<acc_t> d = x - shift.vec(i);
+    return {d, d * d};
+  }
+  template <typename P>
+  std::array<acc_t, 2> operator()(acc_t x, const P& shift, const P& /*unused*/, int64_t i) const {
+    const acc_t d = x - shift[i];
+    return {d, acc_t(d * d)};
+  }
+};
+
 // Σ term(x, a, b) over a run.
 template <typename acc_t, typename T, typename Term, typename P, typename Out>
 inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, Out& out) {
@@ -303,44 +321,74 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   dot = dot_total;
 }
 
-// Per-column sums over `rows` rows of C columns, row r starting at r·stride (a channels-last
+// A term's values as an array of its sums: one, or ShiftedMoments's two.
+template <typename V>
+inline std::array<V, 1> as_sums(const V& v) {
+  return {v};
+}
+
+template <typename V, size_t K>
+inline const std::array<V, K>& as_sums(const std::array<V, K>& v) {
+  return v;
+}
+
+// Per-column sums over `rows` rows of C columns of x, row r starting at r·stride (a channels-last
 // block, whose columns are its channels, or the short planes of an NCHW group), a strip of columns
 // at a time: the strip's totals stay in registers down a group of rows, where adding each row
-// into per-channel totals in memory would load and store them for every vector. A group is a
-// few KiB of consecutive rows, so that its rows, read strip by strip, are a handful of streams
-// (a wide row read down a whole block would be a stream per row and miss L1). For every column
-// c, total[c] = Σ_r term(value at r·stride + c, c), summed in row order in the accumulation
-// type over pieces of at most kChunk rows, and in double across pieces. vector_term(offset, c)
-// and scalar_term(offset, c) give the terms of a vector (columns c .. c + V - 1) and of a column.
-template <typename acc_t, typename VectorTerm, typename ScalarTerm>
-TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, int64_t stride, double* total, const VectorTerm& vector_term,
-                                            const ScalarTerm& scalar_term) {
+// into per-column totals in memory would load and store them for every vector. A group is a few
+// KiB of consecutive rows, so that its rows, read strip by strip, are a handful of streams (a wide
+// row read down a whole block would be a stream per row and miss L1). For every column c and
+// each sum k of the term (see as_sums), total[k·C + c] = Σ_r term(x at r·stride + c, a, b, c)[k],
+// summed in row order in the accumulation type over pieces of at most kChunk rows, and in double
+// across pieces. The hardware prefetchers do not follow the strip order: with `fetch_ahead`, each
+// strip fetches its columns of the next group's rows while it sums this group's, for a pass whose
+// rows come from memory.
+template <typename acc_t, typename T, typename Term, typename P>
+TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C, int64_t stride, const Term& term,
+                                            const P& a, const P& b, double* total, bool fetch_ahead) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int kStrip = 4;  // vectors per strip: 4 totals and their terms' operands fit in 16 registers
+  constexpr int K = std::tuple_size_v<std::decay_t<decltype(as_sums(term(Vec(), a, b, 0)))>>;
+  // Vectors per strip: their K totals and the terms' operands fit in 16 registers.
+  constexpr int kStrip = 4;
   constexpr int64_t kGroupValues = 4096;
+  constexpr int64_t kLineBytes = 64;
   const int64_t group_rows = std::max<int64_t>(8, kGroupValues / C);
-  std::vector<acc_t> sums(C);
-  std::fill(total, total + C, 0.0);
+  std::vector<acc_t> sums(K * C);
+  std::fill(total, total + K * C, 0.0);
   for (int64_t p0 = 0; p0 < rows; p0 += kChunk) {
     const int64_t p1 = std::min(rows, p0 + kChunk);
     std::fill(sums.begin(), sums.end(), acc_t(0));
     for (int64_t r0 = p0; r0 < p1; r0 += group_rows) {
       const int64_t r1 = std::min(p1, r0 + group_rows);
-      // Adds rows [r0, r1) of the `width` vectors of channels from c into sums.
+      // Adds rows [r0, r1) of the `width` vectors of columns from c into sums.
       const auto add_strip = [&](auto width, int64_t c) {
         constexpr int W = decltype(width)::value;
-        Vec strip[W];
-        for (int k = 0; k < W; ++k) {
-          strip[k] = Vec::loadu(sums.data() + c + k * V);
-        }
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int k = 0; k < W; ++k) {
-            strip[k] += vector_term(r * stride + c + k * V, c + k * V);
+        Vec strip[W][K];
+        for (int w = 0; w < W; ++w) {
+          for (int k = 0; k < K; ++k) {
+            strip[w][k] = Vec::loadu(sums.data() + k * C + c + w * V);
           }
         }
-        for (int k = 0; k < W; ++k) {
-          strip[k].store(sums.data() + c + k * V);
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* row = x + r * stride + c;
+          if (fetch_ahead) {
+            const char* ahead = reinterpret_cast<const char*>(row + group_rows * stride);
+            for (int64_t byte = 0; byte < W * V * static_cast<int64_t>(sizeof(T)); byte += kLineBytes) {
+              __builtin_prefetch(ahead + byte);
+            }
+          }
+          for (int w = 0; w < W; ++w) {
+            const auto terms = as_sums(term(load<acc_t>(row + w * V), a, b, c + w * V));
+            for (int k = 0; k < K; ++k) {
+              strip[w][k] += terms[k];
+            }
+          }
+        }
+        for (int w = 0; w < W; ++w) {
+          for (int k = 0; k < K; ++k) {
+            strip[w][k].store(sums.data() + k * C + c + w * V);
+          }
         }
       };
       int64_t c = 0;
@@ -351,15 +399,16 @@ TORCH_BN_FLATTEN inline void reduce_columns(int64_t rows, int64_t C, int64_t str
         add_strip(std::integral_constant<int, 1>{}, c);
       }
       for (; c < C; ++c) {
-        acc_t sum = sums[c];
         for (int64_t r = r0; r < r1; ++r) {
-          sum += scalar_term(r * stride + c, c);
+          const auto terms = as_sums(term(static_cast<acc_t>(x[r * stride + c]), a, b, c));
+          for (int k = 0; k < K; ++k) {
+            sums[k * C + c] += terms[k];
+          }
         }
-        sums[c] = sum;
       }
     }
-    for (const auto c : c10::irange(C)) {
-      total[c] += static_cast<double>(sums[c]);
+    for (const auto i : c10::irange(K * C)) {
+      total[i] += static_cast<double>(sums[i]);
     }
   }
 }
