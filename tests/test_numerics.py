@@ -46,13 +46,15 @@ def test_large_mean_small_spread(mean, std, bound, layout, training, device):
     assert errors["torch_bn"] <= bound, f"relative errors {errors}, bound {bound}"
 
 
-def test_batch_drifting_far_from_its_mean(device):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_batch_drifting_far_from_its_mean(layout, device):
     """Statistics of an input whose images lie far apart (an offset of 50 per image, spread 1
-    within one): in channels-last every block of rows lies far from the whole batch's mean, where
-    the one-pass block moments would cancel, and takes the exact two-pass ones instead."""
+    within one): every piece the CPU kernels sum in one pass (an NCHW plane, a channels-last
+    block of rows) lies far from the mean of what came before or of a sample, where the one-pass
+    moments would cancel, and takes the exact two-pass ones instead."""
     offsets = 50.0 * (torch.arange(32, dtype=torch.float64) - 16.0)
     x = (torch.randn(32, 40, 14, 14, dtype=torch.float64) + offsets.view(-1, 1, 1, 1)).float()
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    x = x.to(device).contiguous(memory_format=LAYOUTS[layout])
     exact_input = x.double()
     bn = torch_bn.BatchNorm2d(40, momentum=1.0).to(device)
     with torch.no_grad():

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace torch_bn::cpu {
@@ -176,6 +177,12 @@ struct RunTotal {
   }
   void add(int slot, int64_t /*i*/, const Vectorized<acc_t>& v) { lanes[slot] += v; }
   void add(int64_t /*i*/, acc_t v) { tail += v; }
+  void add(const RunTotal& other) {
+    for (int slot = 0; slot < kUnroll; ++slot) {
+      lanes[slot] += other.lanes[slot];
+    }
+    tail += other.tail;
+  }
   acc_t total() const {
     Vectorized<acc_t> sum = lanes[0];
     for (int slot = 1; slot < kUnroll; ++slot) {
@@ -273,8 +280,24 @@ struct SquaredDeviation {
   }
 };
 
+// A term's values as an array of its sums: one, or ShiftedMoments's two.
+template <typename V>
+inline std::array<V, 1> as_sums(const V& v) {
+  return {v};
+}
+
+template <typename V, size_t K>
+inline const std::array<V, K>& as_sums(const std::array<V, K>& v) {
+  return v;
+}
+
+// How many sums a term gives (see as_sums).
+template <typename acc_t, typename Term>
+constexpr size_t sum_count = std::tuple_size_v<std::decay_t<decltype(as_sums(std::declval<const Term&>()(
+    std::declval<Vectorized<acc_t>>(), std::declval<Uniform<acc_t>>(), std::declval<Uniform<acc_t>>(), int64_t{0})))>>;
+
 // Both sums of a one-pass variance, (x - shift, (x - shift)²), the shift (a) lying near the
-// mean (see forward_train_rows).
+// mean (see planar_moments, forward_train_rows).
 template <typename acc_t>
 struct ShiftedMoments {
   template <typename P>
@@ -290,15 +313,28 @@ struct ShiftedMoments {
   }
 };
 
-// Σ term(x, a, b) over a run.
-template <typename acc_t, typename T, typename Term, typename P, typename Out>
-inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, Out& out) {
-  Out total = out;
-  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) { total.add(slot, j, term(load<acc_t>(x + j), a, b, j)); });
+// Σ term(x, a, b) over a run, the term's k-th sum (see as_sums) added to out[k] at the end. The
+// run's totals start from zero in registers: copying two running totals in and out was a block
+// move per run, a third of forward-train's statistics time at 14x14.
+template <typename acc_t, typename T, typename Term, typename P>
+inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, RunTotal<acc_t>* out) {
+  constexpr size_t K = sum_count<acc_t, Term>;
+  RunTotal<acc_t> total[K];
+  int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
+    const auto terms = as_sums(term(load<acc_t>(x + j), a, b, j));
+    for (size_t k = 0; k < K; ++k) {
+      total[k].add(slot, j, terms[k]);
+    }
+  });
   for (; i < n; ++i) {
-    total.add(i, term(static_cast<acc_t>(x[i]), a, b, i));
+    const auto terms = as_sums(term(static_cast<acc_t>(x[i]), a, b, i));
+    for (size_t k = 0; k < K; ++k) {
+      total[k].add(i, terms[k]);
+    }
   }
-  out = total;
+  for (size_t k = 0; k < K; ++k) {
+    out[k].add(total[k]);
+  }
 }
 
 // Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy. `dy` is a
@@ -321,17 +357,6 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   dot = dot_total;
 }
 
-// A term's values as an array of its sums: one, or ShiftedMoments's two.
-template <typename V>
-inline std::array<V, 1> as_sums(const V& v) {
-  return {v};
-}
-
-template <typename V, size_t K>
-inline const std::array<V, K>& as_sums(const std::array<V, K>& v) {
-  return v;
-}
-
 // Per-column sums over `rows` rows of C columns of x, row r starting at r·stride (a channels-last
 // block, whose columns are its channels, or the short planes of an NCHW group), a strip of columns
 // at a time: the strip's totals stay in registers down a group of rows, where adding each row
@@ -348,7 +373,7 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
                                             const P& a, const P& b, double* total, bool fetch_ahead) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr int K = std::tuple_size_v<std::decay_t<decltype(as_sums(term(Vec(), a, b, 0)))>>;
+  constexpr int K = static_cast<int>(sum_count<acc_t, Term>);
   // Vectors per strip: their K totals and the terms' operands fit in 16 registers.
   constexpr int kStrip = 4;
   constexpr int64_t kGroupValues = 4096;

@@ -1,13 +1,14 @@
 // The CPU kernels for both layouts, included once per CPU capability by kernels_*.cpp after
 // that file has set CPU_CAPABILITY.
 //
-// Numerics: statistics are two-pass (a shifted sum for the mean, then Σ(x - mean)²), or in
-// channels-last one pass about a sampled mean where its cancellation costs at most a bit (see
-// forward_train_rows), summed in the accumulation type over chunks of at most kChunk values and
-// in double across chunks, so neither a large mean nor a long reduction costs precision. The pieces a value is summed in
-// depend on the shape alone, never on the thread count (threads only decide which task handles
-// a piece), and partial results are combined in a fixed order: the same input gives bitwise the
-// same output on every run and with any number of threads.
+// Numerics: forward statistics come from one pass over memory, Σd and Σd² of d = x - shift with
+// a shift near the mean, where the cancellation in Σd² - (Σd)²/n costs at most a bit; elsewhere
+// from the exact two-pass Σ(x - mean)² (see planar_moments, forward_train_rows). Sums run in the
+// accumulation type over chunks of at most kChunk values and in double across chunks, so neither
+// a large mean nor a long reduction costs precision. The pieces a value is summed in depend on
+// the shape alone, never on the thread count (threads only decide which task handles a piece),
+// and partial results are combined in a fixed order: the same input gives bitwise the same
+// output on every run and with any number of threads.
 #pragma once
 #include "../activation.h"
 #include "batch_norm_loops.h"
@@ -39,8 +40,10 @@ namespace {
 // each block leaves O(C) doubles behind, so a block has at least kMinBlockRows rows.
 constexpr int64_t kBlockValues = 32768;
 constexpr int64_t kMinBlockRows = 64;
-// Rows whose mean shifts the channels-last statistics (see forward_train_rows).
+// Rows whose mean shifts the channels-last statistics (see forward_train_rows), and values
+// whose mean shifts an NCHW channel's first chunk (see planar_moments).
 constexpr int64_t kShiftRows = 16;
+constexpr int64_t kShiftValues = 64;
 // Rows are processed several at a time, so that per-run overhead is paid per kilo-value.
 constexpr int64_t kMinGroupValues = 1024;
 // Values per task for at::parallel_for in the element-wise passes.
@@ -477,19 +480,23 @@ struct SumByRun {
   const scalar_t* x;
   const PlanarPlan& plan;
   int64_t c0, c1;
-  // Reused chunk after chunk: allocated per chunk (a plane at 56x56), they made forward-train
-  // 12% slower there.
-  mutable std::vector<RunTotal<acc_t>> totals = std::vector<RunTotal<acc_t>>(c1 - c0);
+  // Room for two sums per channel, reused chunk after chunk: allocated per chunk (a plane at
+  // 56x56), they made forward-train 12% slower there.
+  mutable std::vector<RunTotal<acc_t>> totals = std::vector<RunTotal<acc_t>>(2 * (c1 - c0));
 
   template <typename Term>
   void operator()(int64_t b0, int64_t b1, int64_t offset, int64_t length, const Term& term,
                   const std::vector<acc_t>& a, const std::vector<acc_t>& b, std::vector<double>& into) const {
+    constexpr size_t K = sum_count<acc_t, Term>;
     std::fill(totals.begin(), totals.end(), RunTotal<acc_t>());
     plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t n) {
-      reduce_terms<acc_t>(x + first, n, term, Uniform<acc_t>{a[i]}, Uniform<acc_t>{b[i]}, totals[i]);
+      reduce_terms<acc_t>(x + first, n, term, Uniform<acc_t>{a[i]}, Uniform<acc_t>{b[i]}, totals.data() + i * K);
     });
-    for (const auto i : c10::irange(c1 - c0)) {
-      into[i] = static_cast<double>(totals[i].total());
+    const int64_t channels = c1 - c0;
+    for (const auto i : c10::irange(channels)) {
+      for (const auto k : c10::irange(K)) {
+        into[k * channels + i] = static_cast<double>(totals[i * K + k].total());
+      }
     }
   }
 };
@@ -501,57 +508,84 @@ struct SumByPosition {
   const scalar_t* x;
   const PlanarPlan& plan;
   int64_t c0, c1;
-  // Per-position totals, reused chunk after chunk (reduce_columns sets every one).
-  mutable std::vector<double> total = std::vector<double>((c1 - c0) * plan.s.inner);
+  // Per-position totals of up to two sums, reused chunk after chunk.
+  mutable std::vector<double> total = std::vector<double>(2 * (c1 - c0) * plan.s.inner);
 
   template <typename Term>
   void operator()(int64_t b0, int64_t b1, int64_t /*offset: 0*/, int64_t /*length: inner*/, const Term& term,
                   const std::vector<acc_t>& a, const std::vector<acc_t>& b, std::vector<double>& into) const {
+    constexpr int64_t K = sum_count<acc_t, Term>;
     const int64_t inner = plan.s.inner;
+    const int64_t channels = c1 - c0;
     const auto a_at = spread(a, inner), b_at = spread(b, inner);
     const PerChannel<acc_t> a_of{a_at.data()}, b_of{b_at.data()};
-    reduce_columns<acc_t>(x + plan.plane(b0, c0), b1 - b0, (c1 - c0) * inner, plan.s.channels * inner, term, a_of, b_of,
+    reduce_columns<acc_t>(x + plan.plane(b0, c0), b1 - b0, channels * inner, plan.s.channels * inner, term, a_of, b_of,
                           total.data(), /*fetch_ahead=*/false);
     // Position by position across the channels: each channel's adds still run in order, but
     // the channels' chains overlap. Channel by channel, every add waited on the one before:
     // forward-train at 32x512x7x7 and 32x2048x7x7 was 6-8% slower so in bfloat16, 3-14% in
     // float32 (interleaved A/B, 2 threads).
-    std::fill(into.begin(), into.end(), 0.0);
-    for (const auto k : c10::irange(inner)) {
-      for (const auto i : c10::irange(c1 - c0)) {
-        into[i] += total[i * inner + k];
+    std::fill(into.begin(), into.begin() + K * channels, 0.0);
+    for (const auto k : c10::irange(K)) {
+      const double* sums = total.data() + k * channels * inner;
+      for (const auto position : c10::irange(inner)) {
+        for (const auto i : c10::irange(channels)) {
+          into[k * channels + i] += sums[i * inner + position];
+        }
       }
     }
   }
 };
 
-// Per channel of [c0, c1): the moments of its values, chunk by chunk. Each chunk (see
-// PlanarPlan) gets an exact two-pass mean and M2 while it is in cache: a sum shifted by the
-// chunk's first value, so the terms are small, then Σ(x - mean)². `reduce(b0, b1, offset,
-// length, term, a, b, into)` (SumByRun, SumByPosition) sets into[i] to Σ term(x, a, b) over
-// channel c0 + i's values in the chunk; the chunks are merged in order with Chan's update.
-template <typename acc_t, typename scalar_t, typename Reduce>
+// The mean of a run's first values (at most kShiftValues of them), in double.
+template <typename scalar_t>
+double leading_mean(const scalar_t* run, int64_t length) {
+  const int64_t n = std::min(length, kShiftValues);
+  double sum = 0;
+  for (const auto i : c10::irange(n)) {
+    sum += static_cast<double>(run[i]);
+  }
+  return sum / static_cast<double>(n);
+}
+
+// Per channel of [c0, c1): the moments of its values, chunk by chunk (see PlanarPlan), the chunks
+// merged in order with Chan's update. A chunk is read once: Σd and Σd² of d = x - shift, the
+// shift being the channel's mean over its chunks so far (in its first chunk, the mean of the
+// chunk's first values), so near the chunk's own mean that M2 = Σd² - (Σd)²/n loses at most a
+// bit to cancellation, (Σd)²/n being at most half of Σd². A channel whose share is larger gets
+// the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that second pass for every
+// chunk, forward-train took up to 40% longer at ResNet-50's shapes (even at 32x512x14x14 float32;
+// interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer (SumByRun, SumByPosition) of channels
+// [c0, c1): reduce(b0, b1, offset, length, term, a, b, into) sets into[k·(c1 - c0) + i] to the
+// k-th sum of term(x, a, b) over channel c0 + i's values in the chunk.
+template <typename acc_t, typename scalar_t, typename MakeReduce>
 std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, int64_t c0, int64_t c1,
-                                    const Reduce& reduce) {
+                                    const MakeReduce& make_reduce) {
   const int64_t channels = c1 - c0;
+  const auto reduce = make_reduce(c0, c1);
   std::vector<Moments> moments(channels);
-  std::vector<acc_t> shift(channels), hi(channels), lo(channels);
-  std::vector<double> sum(channels), m2(channels);
+  std::vector<acc_t> shift(channels);
+  std::vector<double> sums(2 * channels), exact(1);
   plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
     const double count = static_cast<double>((b1 - b0) * length);
     for (const auto i : c10::irange(channels)) {
-      shift[i] = static_cast<acc_t>(x[plan.plane(b0, c0 + i) + offset]);
+      const double so_far =
+          moments[i].count > 0 ? moments[i].mean : leading_mean(x + plan.plane(b0, c0 + i) + offset, length);
+      shift[i] = static_cast<acc_t>(so_far);
     }
-    reduce(b0, b1, offset, length, ShiftedTerm<acc_t>{}, shift, shift, sum);
+    reduce(b0, b1, offset, length, ShiftedMoments<acc_t>{}, shift, shift, sums);
     for (const auto i : c10::irange(channels)) {
-      sum[i] = static_cast<double>(shift[i]) + sum[i] / count;
-      const auto m = split_mean<acc_t>(sum[i]);
-      hi[i] = m.hi;
-      lo[i] = m.lo;
-    }
-    reduce(b0, b1, offset, length, SquaredDeviation<acc_t>{}, hi, lo, m2);
-    for (const auto i : c10::irange(channels)) {
-      moments[i].merge(count, sum[i], m2[i]);
+      const double offset_of_mean = sums[i] / count;
+      const double mean = static_cast<double>(shift[i]) + offset_of_mean;
+      const double mean_share = sums[i] * offset_of_mean;
+      double m2 = sums[channels + i] - mean_share;
+      if (mean_share > sums[channels + i] / 2) {
+        const auto m = split_mean<acc_t>(mean);
+        make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, SquaredDeviation<acc_t>{}, std::vector<acc_t>{m.hi},
+                                        std::vector<acc_t>{m.lo}, exact);
+        m2 = exact[0];
+      }
+      moments[i].merge(count, mean, m2);
     }
   });
   return moments;
@@ -567,9 +601,12 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
   const PlanarPlan plan(s, sizeof(scalar_t));
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
-    const auto moments = plan.by_position()
-                             ? planar_moments<acc_t>(x, plan, c0, c1, SumByPosition<acc_t, scalar_t>{x, plan, c0, c1})
-                             : planar_moments<acc_t>(x, plan, c0, c1, SumByRun<acc_t, scalar_t>{x, plan, c0, c1});
+    const auto moments =
+        plan.by_position()
+            ? planar_moments<acc_t>(x, plan, c0, c1,
+                                    [&](int64_t a, int64_t b) { return SumByPosition<acc_t, scalar_t>{x, plan, a, b}; })
+            : planar_moments<acc_t>(x, plan, c0, c1,
+                                    [&](int64_t a, int64_t b) { return SumByRun<acc_t, scalar_t>{x, plan, a, b}; });
     std::vector<acc_t> hi(channels), lo(channels), scale(channels), shift(channels);
     for (const auto i : c10::irange(channels)) {
       const int64_t c = c0 + i;
