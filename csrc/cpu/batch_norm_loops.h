@@ -245,40 +245,9 @@ inline acc_t centered(acc_t x, const Zero<acc_t>&, const Zero<acc_t>&, int64_t) 
   return x;
 }
 
-// The reductions below add into a local copy of their Out and write it back at the end: a
-// RunTotal's lanes then stay in registers through the run. Added to in place, they would be
-// stored after every step, since a vector type may alias the float input read between steps.
-
-// The terms of the two statistics passes over a chunk, as term(x, a, b, i) with a and b sources
-// of per-channel values (Uniform over a run of one channel, PerChannel over positions).
-// The first pass: x - shift (a), the shift being a sample of the channel so that the terms are
-// small.
-template <typename acc_t>
-struct ShiftedTerm {
-  template <typename P>
-  Vectorized<acc_t> operator()(const Vectorized<acc_t>& x, const P& shift, const P& /*unused*/, int64_t i) const {
-    return x - shift.vec(i);
-  }
-  template <typename P>
-  acc_t operator()(acc_t x, const P& shift, const P& /*unused*/, int64_t i) const {
-    return x - shift[i];
-  }
-};
-
-// The second pass of a two-pass variance: ((x - hi) - lo)², the mean being hi + lo (a, b).
-template <typename acc_t>
-struct SquaredDeviation {
-  template <typename P>
-  Vectorized<acc_t> operator()(const Vectorized<acc_t>& x, const P& hi, const P& lo, int64_t i) const {
-    const Vectorized<acc_t> d = centered(x, hi, lo, i);
-    return d * d;
-  }
-  template <typename P>
-  acc_t operator()(acc_t x, const P& hi, const P& lo, int64_t i) const {
-    const acc_t d = centered(x, hi, lo, i);
-    return d * d;
-  }
-};
+// The reductions below sum into local totals and write them out at the end: a RunTotal's lanes
+// then stay in registers through the run. Added to in place, they would be stored after every
+// step, since a vector type may alias the float input read between steps.
 
 // A term's values as an array of its sums: one, or ShiftedMoments's two.
 template <typename V>
@@ -296,8 +265,10 @@ template <typename acc_t, typename Term>
 constexpr size_t sum_count = std::tuple_size_v<std::decay_t<decltype(as_sums(std::declval<const Term&>()(
     std::declval<Vectorized<acc_t>>(), std::declval<Uniform<acc_t>>(), std::declval<Uniform<acc_t>>(), int64_t{0})))>>;
 
-// Both sums of a one-pass variance, (x - shift, (x - shift)²), the shift (a) lying near the
-// mean (see planar_moments, forward_train_rows).
+// The terms of the statistics passes over a chunk, as term(x, a, b, i) with a and b sources of
+// per-channel values (Uniform over a run of one channel, PerChannel over positions).
+// The one pass: (x - shift, (x - shift)²), both sums of a one-pass variance, the shift (a)
+// lying near the mean (see planar_moments, forward_train_rows).
 template <typename acc_t>
 struct ShiftedMoments {
   template <typename P>
@@ -310,6 +281,22 @@ struct ShiftedMoments {
   std::array<acc_t, 2> operator()(acc_t x, const P& shift, const P& /*unused*/, int64_t i) const {
     const acc_t d = x - shift[i];
     return {d, acc_t(d * d)};
+  }
+};
+
+// The exact second pass of a two-pass variance, where the one pass would cancel:
+// ((x - hi) - lo)², the mean being hi + lo (a, b).
+template <typename acc_t>
+struct SquaredDeviation {
+  template <typename P>
+  Vectorized<acc_t> operator()(const Vectorized<acc_t>& x, const P& hi, const P& lo, int64_t i) const {
+    const Vectorized<acc_t> d = centered(x, hi, lo, i);
+    return d * d;
+  }
+  template <typename P>
+  acc_t operator()(acc_t x, const P& hi, const P& lo, int64_t i) const {
+    const acc_t d = centered(x, hi, lo, i);
+    return d * d;
   }
 };
 

@@ -554,10 +554,11 @@ double leading_mean(const scalar_t* run, int64_t length) {
 // chunk's first values), so near the chunk's own mean that M2 = Σd² - (Σd)²/n loses at most a
 // bit to cancellation, (Σd)²/n being at most half of Σd². A channel whose share is larger gets
 // the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that second pass for every
-// chunk, forward-train took up to 40% longer at ResNet-50's shapes (even at 32x512x14x14 float32;
-// interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer (SumByRun, SumByPosition) of channels
-// [c0, c1): reduce(b0, b1, offset, length, term, a, b, into) sets into[k·(c1 - c0) + i] to the
-// k-th sum of term(x, a, b) over channel c0 + i's values in the chunk.
+// chunk, forward-train took up to 40% longer at ResNet-50's shapes (even at 32x512x14x14
+// float32; interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer (SumByRun,
+// SumByPosition) of channels [c0, c1): reduce(b0, b1, offset, length, term, a, b, into) sets
+// into[k·(c1 - c0) + i] to the k-th sum of term(x, a, b) over channel c0 + i's values in the
+// chunk.
 template <typename acc_t, typename scalar_t, typename MakeReduce>
 std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, int64_t c0, int64_t c1,
                                     const MakeReduce& make_reduce) {
