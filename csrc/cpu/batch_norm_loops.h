@@ -385,9 +385,11 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
         for (int64_t r = r0; r < r1; ++r) {
           const T* row = x + r * stride + c;
           if (fetch_ahead) {
-            const char* ahead = reinterpret_cast<const char*>(row + group_rows * stride);
+            // As an address, not a pointer: past the last group it lies beyond x (a prefetch
+            // does not fault).
+            const uintptr_t ahead = reinterpret_cast<uintptr_t>(row) + group_rows * stride * sizeof(T);
             for (int64_t byte = 0; byte < W * V * static_cast<int64_t>(sizeof(T)); byte += kLineBytes) {
-              __builtin_prefetch(ahead + byte);
+              __builtin_prefetch(reinterpret_cast<const void*>(ahead + byte));
             }
           }
           for (int w = 0; w < W; ++w) {
