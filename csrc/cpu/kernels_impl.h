@@ -82,6 +82,17 @@ struct Moments {
   }
 };
 
+// The mean's offset from the shift and M2 of n values, from their one-pass sums Σd and Σd² of
+// d = x - shift (ShiftedMoments): M2 = Σd² - (Σd)²/n. `cancels` where the mean's share (Σd)²/n
+// is more than half of Σd², so that M2 would lose more than a bit: there the exact two-pass M2
+// is due instead.
+struct OnePassMoments {
+  double offset, m2;
+  bool cancels;
+  OnePassMoments(double n, double sum, double sum_of_squares)
+      : offset(sum / n), m2(sum_of_squares - sum * offset), cancels(sum * offset > sum_of_squares / 2) {}
+};
+
 // Calls f(offset, length) on consecutive pieces of at most kChunk values of [0, n).
 template <typename F>
 void for_each_chunk(int64_t n, const F& f) {
@@ -551,9 +562,8 @@ double leading_mean(const scalar_t* run, int64_t length) {
 // Per channel of [c0, c1): the moments of its values, chunk by chunk (see PlanarPlan), the chunks
 // merged in order with Chan's update. A chunk is read once: Σd and Σd² of d = x - shift, the
 // shift being the channel's mean over its chunks so far (in its first chunk, the mean of the
-// chunk's first values), so near the chunk's own mean that M2 = Σd² - (Σd)²/n loses at most a
-// bit to cancellation, (Σd)²/n being at most half of Σd². A channel whose share is larger gets
-// the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that second pass for every
+// chunk's first values), near the chunk's own mean (see OnePassMoments). A channel whose M2
+// would cancel gets the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that second pass for every
 // chunk, forward-train took up to 40% longer at ResNet-50's shapes (even at 32x512x14x14
 // float32; interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer (SumByRun,
 // SumByPosition) of channels [c0, c1): reduce(b0, b1, offset, length, term, a, b, into) sets
@@ -576,11 +586,10 @@ std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, i
     }
     reduce(b0, b1, offset, length, ShiftedMoments<acc_t>{}, shift, shift, sums);
     for (const auto i : c10::irange(channels)) {
-      const double offset_of_mean = sums[i] / count;
-      const double mean = static_cast<double>(shift[i]) + offset_of_mean;
-      const double mean_share = sums[i] * offset_of_mean;
-      double m2 = sums[channels + i] - mean_share;
-      if (mean_share > sums[channels + i] / 2) {
+      const OnePassMoments one_pass(count, sums[i], sums[channels + i]);
+      const double mean = static_cast<double>(shift[i]) + one_pass.offset;
+      double m2 = one_pass.m2;
+      if (one_pass.cancels) {
         const auto m = split_mean<acc_t>(mean);
         make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, SquaredDeviation<acc_t>{}, std::vector<acc_t>{m.hi},
                                         std::vector<acc_t>{m.lo}, exact);
@@ -649,10 +658,9 @@ std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
 }
 
 // Channels-last: each block of rows gets its mean and M2 from one pass over memory, Σd and Σd²
-// of d = x - shift, the shift being a sampled mean (sampled_mean) and so near the block's own:
-// M2 = Σd² - (Σd)²/n then loses at most a bit to cancellation, (Σd)²/n being at most half of
-// Σd². Where a column's share is larger, the block's M2 is the exact two-pass Σ(x - mean)², from
-// L2. With that second pass for every block (and no fetch-ahead), forward-train took 13-37%
+// of d = x - shift, the shift being a sampled mean (sampled_mean) and so near the block's own
+// (see OnePassMoments). Where a column's M2 would cancel, the block's M2 is the exact two-pass
+// Σ(x - mean)², from L2. With that second pass for every block (and no fetch-ahead), forward-train took 13-37%
 // longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B, 2 threads). The blocks
 // are then merged with the two-pass formula over their means, M2 = Σ (m2_b + n_b·(mean_b -
 // mean)²), in loops that run along the channels.
@@ -678,17 +686,18 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     double* m2 = block_m2.data() + block * C;
     int64_t first_far = C, last_far = -1;
     for (const auto c : c10::irange(C)) {
-      offset[c] = sums[c] / n;
-      const double mean_share = sums[c] * offset[c];
-      m2[c] = sums[C + c] - mean_share;
-      if (mean_share > sums[C + c] / 2) {
+      const OnePassMoments one_pass(n, sums[c], sums[C + c]);
+      offset[c] = one_pass.offset;
+      m2[c] = one_pass.m2;
+      if (one_pass.cancels) {
         first_far = std::min(first_far, c);
         last_far = c;
       }
     }
     if (first_far <= last_far) {
-      // One vectorized pass over the columns from the first far one to the last, whatever lies
-      // between: far columns scattered across a block would otherwise cost a scalar pass each.
+      // One vectorized pass from the first column whose M2 would cancel (its mean far from the
+      // shift) to the last, whatever lies between: far columns scattered across a block would
+      // otherwise cost a scalar pass each.
       const int64_t width = last_far + 1 - first_far;
       std::vector<acc_t> hi(width), lo(width);
       for (const auto i : c10::irange(width)) {
