@@ -1,5 +1,5 @@
-// Every torch_bn operator schema, in one place. Kernels live in cpu/ and cuda/; the fake
-// (meta) kernels and autograd wiring live in torch_bn/ops.py.
+// Every torch_bn operator schema, in one place. Kernels live in cpu/ and cuda/, autograd in
+// autograd.cpp; the fake (meta) kernels live in torch_bn/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -26,6 +26,12 @@ TORCH_LIBRARY(torch_bn, m) {
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
       " bool training, bool[3] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // backward in differentiable torch ops (no kernel of its own), `mean` and `invstd` taken as
+  // given: the backward op's double backward, and higher-order gradients of the modules.
+  // grad_weight is Σ dy·xhat, defined also without a weight.
+  m.def(
+      "backward_formula(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
+      " bool training) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The same with a fused epilogue: z = BN(x) + residual, output = act(z) for activation
   // "identity", "relu" or "leaky_relu" (slope negative_slope). `mask` holds the sign of z, one
   // bit per element in the input's memory order (LSB first), empty for "identity".

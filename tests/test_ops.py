@@ -3,6 +3,7 @@ modules run torch_bn's ops and none of aten's batch norms."""
 
 import pytest
 import torch
+from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 import torch_bn
@@ -79,6 +80,63 @@ def test_backward(shape, dtype, channels_last, training, output_mask, requires_g
     mean = per_channel(channels, dtype, device, low=-1.0, high=1.0)
     invstd = per_channel(channels, dtype, device)
     opcheck(torch.ops.torch_bn.backward.default, (grad_output, x, weight, mean, invstd, training, output_mask))
+
+
+def gradcheck_inputs(shape, affine):
+    """float64 (input, weight, bias) for gradcheck, the parameters only when ``affine``."""
+    x = (torch.randn(shape, dtype=torch.float64) * 1.3 + 0.4).requires_grad_()
+    if not affine:
+        return [x]
+    return [x, (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(shape[1], dtype=torch.float64, requires_grad=True)]
+
+
+# The ops' own gradients (registered in C++), checked against finite differences. forward_train's
+# statistics are non-differentiable outputs, so its gradient is first-order exact only; the
+# modules' higher-order gradients are checked in test_functional.py.
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_forward_train_gradcheck(affine):
+    inputs = gradcheck_inputs((3, 2, 2, 2), affine)
+    padded = inputs + [None] * (3 - len(inputs))
+    _output, mean, invstd = torch.ops.torch_bn.forward_train.default(*padded, 1e-3)
+    assert not mean.requires_grad and not invstd.requires_grad
+
+    def fn(x, *params):
+        weight, bias = params or (None, None)
+        return torch.ops.torch_bn.forward_train.default(x, weight, bias, 1e-3)[0]
+
+    assert gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_forward_eval_gradcheck(affine):
+    inputs = gradcheck_inputs((3, 2, 2, 2), affine)
+    running_mean = torch.randn(2, dtype=torch.float64)
+    running_var = torch.rand(2, dtype=torch.float64) + 0.5
+
+    def fn(x, *params):
+        weight, bias = params or (None, None)
+        return torch.ops.torch_bn.forward_eval.default(x, weight, bias, running_mean, running_var, 1e-3)
+
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_gradcheck(training, affine):
+    # The backward op as a function of all of its tensor inputs: its double backward.
+    x, *params = gradcheck_inputs((3, 2, 2, 2), affine)
+    weight = params[0] if params else None
+    grad_output = torch.randn_like(x).requires_grad_()
+    mean = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    invstd = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    mask = [True, affine, True]
+
+    def fn(grad_output, x, mean, invstd, *weight):
+        grads = torch.ops.torch_bn.backward.default(grad_output, x, weight[0] if weight else None, mean, invstd, training, mask)
+        return tuple(g for g, wanted in zip(grads, mask) if wanted)
+
+    assert gradcheck(fn, [grad_output, x, mean, invstd] + ([weight] if affine else []))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])

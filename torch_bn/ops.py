@@ -1,8 +1,8 @@
-"""The torch_bn operators: one wrapper per op, its fake kernel, and the autograd formulas.
+"""The torch_bn operators: one wrapper per op and its fake kernel.
 
-The kernels are registered from C++ (csrc/ops.cpp has every schema); loading ``torch_bn._C``
-runs those registrations. Fake kernels let ``torch.compile`` and ``torch.export`` trace the ops
-without running them.
+The kernels and the ops' autograd are registered from C++ (csrc/ops.cpp has every schema,
+csrc/autograd.cpp their gradients); loading ``torch_bn._C`` runs those registrations. Fake
+kernels let ``torch.compile`` and ``torch.export`` trace the ops without running them.
 """
 
 from typing import List, Optional, Tuple
@@ -140,84 +140,15 @@ def gradients(grad_output, input, weight, mean, invstd, training, needs_grad):
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
-def _forward_train_setup(ctx, inputs, output):
-    input, weight, _bias, _eps = inputs
-    _y, mean, invstd = output
-    ctx.save_for_backward(input, weight, mean, invstd)
-
-
-def _forward_train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
-    input, weight, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = gradients(grad_output, input, weight, mean, invstd, True, ctx.needs_input_grad)
-    return grad_input, grad_weight, grad_bias, None
-
-
-def _forward_eval_setup(ctx, inputs, output):
-    input, weight, _bias, running_mean, running_var, eps = inputs
-    mean, invstd = eval_statistics(input, running_mean, running_var, eps)
-    ctx.save_for_backward(input, weight, mean, invstd)
-
-
-def _forward_eval_backward(ctx, grad_output):
-    input, weight, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = gradients(grad_output, input, weight, mean, invstd, False, ctx.needs_input_grad)
-    return grad_input, grad_weight, grad_bias, None, None, None
-
-
 def backward_formula(grad_output, input, weight, mean, invstd, training):
     """torch_bn::backward written in differentiable torch ops, ``mean`` and ``invstd`` taken as given.
 
     Returns (grad_input, grad_weight, grad_bias); grad_weight is None without a weight.
     """
-    dims = [0, *range(2, input.dim())]
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    acc = stats_dtype(input)
-    dy = grad_output.to(acc)
-    xhat = (input.to(acc) - mean.to(acc).view(shape)) * invstd.to(acc).view(shape)
-    scale = invstd.to(acc).view(shape)
-    if weight is not None:
-        scale = scale * weight.to(acc).view(shape)
-    if training:
-        grad_input = scale * (dy - dy.mean(dims, keepdim=True) - xhat * (dy * xhat).mean(dims, keepdim=True))
-    else:
-        grad_input = dy * scale
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    grad_weight = (dy * xhat).sum(dims).to(param_dtype) if weight is not None else None
-    return grad_input.to(input.dtype), grad_weight, dy.sum(dims).to(param_dtype)
-
-
-def _backward_setup(ctx, inputs, output):
-    grad_output, input, weight, mean, invstd, training, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, weight, mean, invstd)
-    ctx.training = training
-    ctx.output_mask = output_mask
-
-
-def _backward_backward(ctx, *output_grads):
-    # The gradient of the backward op: differentiate backward_formula at the saved inputs.
-    saved = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in saved]
-        outputs = backward_formula(*leaves, ctx.training)
-        pairs = [
-            (out, grad)
-            for out, grad, wanted in zip(outputs, output_grads, ctx.output_mask)
-            if wanted and out is not None and grad is not None
-        ]
-        wrt = [leaf for leaf in leaves if leaf is not None]
-        grads = iter(
-            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-            if pairs
-            else [None] * len(wrt)
-        )
-    return (*(None if leaf is None else next(grads) for leaf in leaves), None, None)
-
-
-# The ops are differentiable on their own too, so they can be used without the modules and pass
-# torch.library.opcheck's autograd checks; the backward op's own gradient gives double backward.
-torch.library.register_autograd("torch_bn::forward_train", _forward_train_backward, setup_context=_forward_train_setup)
-torch.library.register_autograd("torch_bn::forward_eval", _forward_eval_backward, setup_context=_forward_eval_setup)
-torch.library.register_autograd("torch_bn::backward", _backward_backward, setup_context=_backward_setup)
+    grad_input, grad_weight, grad_bias = torch.ops.torch_bn.backward_formula.default(
+        grad_output, input, weight, mean, invstd, training
+    )
+    return grad_input, grad_weight if weight is not None else None, grad_bias
 
 
 # BatchNorm with a fused activation epilogue: z = BN(x) (+ residual), output = act(z); the sign
@@ -276,8 +207,6 @@ def backward_act(
 def eval_statistics(input: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     """(mean, invstd) that the backward ops take in evaluation: a copy of the running mean (so a
     later in-place update of the buffer cannot change a saved tensor) and 1/sqrt(running_var + eps)."""
-    # Copies also where the dtype is already right: a no-op .to() returns its input, which torch's
-    # schema check (opcheck) rejects inside an op's autograd setup.
     dtype = stats_dtype(input)
     return running_mean.to(dtype, copy=True), torch.rsqrt(running_var.to(dtype, copy=True).add_(eps))
 
@@ -330,42 +259,3 @@ def act_gradients(grad_output, input, weight, mean, invstd, mask, training, acti
         return None, None, None, None
     grads = backward_act(grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, output_mask)
     return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
-
-
-def _forward_train_act_setup(ctx, inputs, output):
-    input, weight, _bias, _residual, _eps, activation, negative_slope = inputs
-    _y, mean, invstd, mask = output
-    ctx.activation, ctx.negative_slope = activation, negative_slope
-    ctx.save_for_backward(input, weight, mean, invstd, mask)
-
-
-def _forward_train_act_backward(ctx, grad_output, _grad_mean, _grad_invstd, _grad_mask):
-    input, weight, mean, invstd, mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_input, grad_weight, grad_bias, grad_residual = act_gradients(
-        grad_output, input, weight, mean, invstd, mask, True, ctx.activation, ctx.negative_slope, needs[:4]
-    )
-    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None
-
-
-def _forward_eval_act_setup(ctx, inputs, output):
-    input, weight, _bias, running_mean, running_var, _residual, eps, activation, negative_slope = inputs
-    _y, mask = output
-    mean, invstd = eval_statistics(input, running_mean, running_var, eps)
-    ctx.activation, ctx.negative_slope = activation, negative_slope
-    ctx.save_for_backward(input, weight, mean, invstd, mask)
-
-
-def _forward_eval_act_backward(ctx, grad_output, _grad_mask):
-    input, weight, mean, invstd, mask = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_input, grad_weight, grad_bias, grad_residual = act_gradients(
-        grad_output, input, weight, mean, invstd, mask, False, ctx.activation, ctx.negative_slope, (*needs[:3], needs[5])
-    )
-    return grad_input, grad_weight, grad_bias, None, None, grad_residual, None, None, None
-
-
-torch.library.register_autograd(
-    "torch_bn::forward_train_act", _forward_train_act_backward, setup_context=_forward_train_act_setup
-)
-torch.library.register_autograd("torch_bn::forward_eval_act", _forward_eval_act_backward, setup_context=_forward_eval_act_setup)
