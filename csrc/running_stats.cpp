@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cmath>
 
 namespace torch_bn {
 
@@ -27,7 +26,8 @@ void blend_on_cpu(
   const auto means = cpu::channel_values(mean);
   const auto invstds = cpu::channel_values(invstd);
   for (const auto c : c10::irange(static_cast<int64_t>(means.size()))) {
-    const double batch_var = std::max(std::pow(invstds[c], -2.0) - eps, 0.0) * correction;
+    // 1/invstd² by a product: std::pow costs more than the rest of the update together.
+    const double batch_var = std::max(1.0 / (invstds[c] * invstds[c]) - eps, 0.0) * correction;
     running_means[c] += (means[c] - running_means[c]) * factor;
     running_vars[c] += (batch_var - running_vars[c]) * factor;
   }
