@@ -156,10 +156,14 @@ struct PlanarPlan {
   // slower from 24 (interleaved A/B, float32 and bfloat16).
   bool by_position() const { return s.inner < kShortPlane && s.batch >= kMinPositionRows; }
 
-  // Calls f(c0, c1) on every group of channels [c0, c1), in parallel.
+  // Calls f(c0, c1) on every group of channels [c0, c1), in parallel where the work is worth
+  // kGrainValues values or more: waking the other threads costs more than a small input's whole
+  // pass. A plane costs at least what a short plane does (its run's overhead).
   template <typename F>
   void for_each_group(const F& f) const {
-    at::parallel_for(0, div_up(s.channels, group), 1, [&](int64_t g0, int64_t g1) {
+    const int64_t group_work = group * s.batch * std::max(s.inner, kShortPlane);
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / group_work);
+    at::parallel_for(0, div_up(s.channels, group), grain, [&](int64_t g0, int64_t g1) {
       for (const auto g : c10::irange(g0, g1)) {
         f(g * group, std::min(s.channels, (g + 1) * group));
       }
