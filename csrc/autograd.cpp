@@ -29,9 +29,9 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// The ops as called from here. The forwards run their backend kernel (below autograd, which
-// this file is); backward and backward_act go through the dispatcher, so that under
-// create_graph=True the backward op records its own gradient.
+// The ops as called from here. The *_kernel calls skip the Autograd key (this file is that
+// key's kernels) and run the backend's; the *_dispatch calls go through the whole dispatcher, so
+// that under create_graph=True the backward op records its own gradient.
 
 std::tuple<Tensor, Tensor, Tensor> forward_train_kernel(const Tensor& input, const OptionalTensor& weight,
                                                         const OptionalTensor& bias, double eps) {
