@@ -25,8 +25,7 @@ class BatchNormFunction(torch.autograd.Function):
             output, mean, invstd = ops.forward_train(input, weight, bias, eps)
         else:
             output = ops.forward_eval(input, weight, bias, running_mean, running_var, eps)
-            mean = running_mean.to(ops.stats_dtype(input), copy=True)
-            invstd = torch.rsqrt(running_var.to(ops.stats_dtype(input)) + eps)
+            mean, invstd = ops.eval_statistics(input, running_mean, running_var, eps)
         ctx.training = training
         ctx.eps = eps
         ctx.save_for_backward(input, weight, mean, invstd)
