@@ -567,12 +567,12 @@ double leading_mean(const scalar_t* run, int64_t length) {
 // merged in order with Chan's update. A chunk is read once: Σd and Σd² of d = x - shift, the
 // shift being the channel's mean over its chunks so far (in its first chunk, the mean of the
 // chunk's first values), near the chunk's own mean (see OnePassMoments). A channel whose M2
-// would cancel gets the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that second pass for every
-// chunk, forward-train took up to 40% longer at ResNet-50's shapes (even at 32x512x14x14
-// float32; interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer (SumByRun,
-// SumByPosition) of channels [c0, c1): reduce(b0, b1, offset, length, term, a, b, into) sets
-// into[k·(c1 - c0) + i] to the k-th sum of term(x, a, b) over channel c0 + i's values in the
-// chunk.
+// would cancel gets the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that
+// second pass for every chunk, forward-train took up to 40% longer at ResNet-50's shapes (even
+// at 32x512x14x14 float32; interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer
+// (SumByRun, SumByPosition) of channels [c0, c1): reduce(b0, b1, offset, length, term, a, b,
+// into) sets into[k·(c1 - c0) + i] to the k-th sum of term(x, a, b) over channel c0 + i's values
+// in the chunk.
 template <typename acc_t, typename scalar_t, typename MakeReduce>
 std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, int64_t c0, int64_t c1,
                                     const MakeReduce& make_reduce) {
@@ -664,9 +664,9 @@ std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
 // Channels-last: each block of rows gets its mean and M2 from one pass over memory, Σd and Σd²
 // of d = x - shift, the shift being a sampled mean (sampled_mean) and so near the block's own
 // (see OnePassMoments). Where a column's M2 would cancel, the block's M2 is the exact two-pass
-// Σ(x - mean)², from L2. With that second pass for every block (and no fetch-ahead), forward-train took 13-37%
-// longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B, 2 threads). The blocks
-// are then merged with the two-pass formula over their means, M2 = Σ (m2_b + n_b·(mean_b -
+// Σ(x - mean)², from L2. With that second pass for every block (and no fetch-ahead),
+// forward-train took 13-37% longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B,
+// 2 threads). The blocks are then merged with the two-pass formula over their means, M2 = Σ (m2_b + n_b·(mean_b -
 // mean)²), in loops that run along the channels.
 template <typename scalar_t>
 void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
