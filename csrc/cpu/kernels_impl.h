@@ -52,9 +52,17 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
+// Outputs of at least this many bytes are written with non-temporal stores (see RunStores): the
+// input and output together then outgrow a 32 MiB last-level cache.
+constexpr int64_t kStreamBytes = 16 << 20;
 
 int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Whether a pass writes its output of shape `s` (values of `value_bytes` each) past the cache.
+bool streams_output(const Shape& s, int64_t value_bytes) {
+  return s.count() * s.channels * value_bytes >= kStreamBytes;
 }
 
 template <typename acc_t>
@@ -167,6 +175,7 @@ struct PlanarPlan {
       for (const auto g : c10::irange(g0, g1)) {
         f(g * group, std::min(s.channels, (g + 1) * group));
       }
+      fence_streamed_stores();
     });
   }
 
@@ -333,6 +342,7 @@ void for_each_block(int64_t num_blocks, bool recent_first, const F& f) {
     for (int64_t i = 0; i < b1 - b0; ++i) {
       f(recent_first ? b1 - 1 - i : b0 + i);
     }
+    fence_streamed_stores();
   });
 }
 
@@ -358,18 +368,21 @@ struct NormalizeWriter {
   bool activation;
   SignBitWriter signs;
   acc_t slope;
+  bool stream;
 
-  NormalizeWriter(const scalar_t* x, scalar_t* y, const Epilogue& e)
+  NormalizeWriter(const scalar_t* x, scalar_t* y, const Shape& s, const Epilogue& e)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
-        slope(static_cast<acc_t>(e.slope)) {}
+        slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t))) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
     const auto run_with = [&](const auto& act) {
       if (residual) {
-        normalize_run<acc_t, true>(x + first, y + first, n, hi, lo, scale, shift, residual + first, act, signs, first);
+        normalize_run<acc_t, true>(x + first, y + first, n, hi, lo, scale, shift, residual + first, act, signs, first,
+                                   stream);
       } else {
-        normalize_run<acc_t, false>(x + first, y + first, n, hi, lo, scale, shift, residual, act, signs, first);
+        normalize_run<acc_t, false>(x + first, y + first, n, hi, lo, scale, shift, residual, act, signs, first,
+                                    stream);
       }
     };
     if (!activation) {
@@ -392,11 +405,13 @@ struct GradReader {
   acc_t slope;
   scalar_t* grad_residual;
   std::vector<acc_t> gated;
+  // Whether the passes' outputs (the input's and the residual's gradients) are streamed.
+  bool stream;
 
-  GradReader(const scalar_t* dy, const GradPrologue& p)
+  GradReader(const scalar_t* dy, const Shape& s, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
         grad_residual(static_cast<scalar_t*>(p.grad_residual)),
-        gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0) {}
+        gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0), stream(streams_output(s, sizeof(scalar_t))) {}
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
@@ -410,7 +425,7 @@ struct GradReader {
       } else {
         gather(Values<acc_t, scalar_t>{dy + first}, dz, n);
       }
-      narrow(dz, grad_residual + first, n);
+      narrow(dz, grad_residual + first, n, stream);
       use(Values<acc_t, acc_t>{dz});
     } else if (mask) {
       use(SignGated<acc_t, scalar_t>{dy + first, mask, first, slope});
@@ -428,7 +443,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     const RowPlan plan(s);
     const auto write_rows = [&](const auto& mean_of) {
       for_each_block(plan.num_blocks, recent_first, [&](int64_t block) {
-        NormalizeWriter<scalar_t> writer(x, y, epilogue);
+        NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
         plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
           writer.write(first, n, mean_of(p.mean.hi, position), mean_of(p.mean.lo, position),
                        PerChannel<acc_t>{p.scale.data() + position}, PerChannel<acc_t>{p.shift.data() + position});
@@ -445,7 +460,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   const PlanarPlan plan(s, sizeof(scalar_t));
   if (plan.by_position()) {
     plan.for_each_group([&](int64_t c0, int64_t c1) {
-      NormalizeWriter<scalar_t> writer(x, y, epilogue);
+      NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
       const auto of_group = [&](const std::vector<acc_t>& v) { return std::vector<acc_t>(v.begin() + c0, v.begin() + c1); };
       // Folded means are not spread to positions at all: they would be zeros read for nothing.
       if (p.centered) {
@@ -464,7 +479,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
-    NormalizeWriter<scalar_t> writer(x, y, epilogue);
+    NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
     // The channel is stepped rather than computed (plane % C): a division per short plane costs
     // as much as normalizing it.
     int64_t c = p0 % s.channels;
@@ -478,6 +493,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
       }
       c = c + 1 == s.channels ? 0 : c + 1;
     }
+    fence_streamed_stores();
   });
 }
 
@@ -632,7 +648,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
       scale[i] = static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd_out[c]);
       shift[i] = static_cast<acc_t>(bias ? bias[c] : 0.0);
     }
-    NormalizeWriter<scalar_t> writer(x, y, epilogue);
+    NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
     plan.for_each_group_write<acc_t>(c0, c1, {hi, lo, scale, shift}, [&](int64_t first, int64_t n, const auto& view) {
       writer.write(first, n, view(0), view(1), view(2), view(3));
     });
@@ -764,7 +780,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   const PlanarPlan plan(s, 2 * sizeof(scalar_t));
   plan.for_each_group([&](int64_t c0, int64_t c1) {
     const int64_t channels = c1 - c0;
-    GradReader<scalar_t> grad(dy, prologue);
+    GradReader<scalar_t> grad(dy, s, prologue);
     std::vector<acc_t> hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
     std::vector<RunTotal<acc_t>> sum_totals(channels), dot_totals(channels);
     for (const auto i : c10::irange(channels)) {
@@ -801,9 +817,9 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     plan.for_each_group_write<acc_t>(c0, c1, {hi, lo, k1, k2, k3}, [&](int64_t first, int64_t len, const auto& view) {
       grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
         if (training) {
-          grad_input<acc_t>(dz, x + first, dx + first, len, view(0), view(1), view(2), view(3), view(4));
+          grad_input<acc_t>(dz, x + first, dx + first, len, grad.stream, view(0), view(1), view(2), view(3), view(4));
         } else {
-          scale_by<acc_t>(dz, dx + first, len, view(2));
+          scale_by<acc_t>(dz, dx + first, len, grad.stream, view(2));
         }
       });
     });
@@ -821,7 +837,7 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const TiledMean<acc_t> centering(mean, C, plan.group_rows);
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
-    GradReader<scalar_t> grad(dy, prologue);
+    GradReader<scalar_t> grad(dy, s, prologue);
     std::vector<acc_t> sums(tiled, acc_t(0)), dots(tiled, acc_t(0));
     plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
       ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
@@ -857,16 +873,16 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   const auto k2 = tile<acc_t>(k2_of.data(), C, plan.group_rows);
   const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
-    GradReader<scalar_t> grad(dy, prologue);
+    GradReader<scalar_t> grad(dy, s, prologue);
     plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
       grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
         if (training) {
-          grad_input<acc_t>(dz, x + first, dx + first, n, PerChannel<acc_t>{centering.hi.data() + position},
+          grad_input<acc_t>(dz, x + first, dx + first, n, grad.stream, PerChannel<acc_t>{centering.hi.data() + position},
                             PerChannel<acc_t>{centering.lo.data() + position},
                             PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
                             PerChannel<acc_t>{k3.data() + position});
         } else {
-          scale_by<acc_t>(dz, dx + first, n, PerChannel<acc_t>{k1.data() + position});
+          scale_by<acc_t>(dz, dx + first, n, grad.stream, PerChannel<acc_t>{k1.data() + position});
         }
       });
     });

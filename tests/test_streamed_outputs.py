@@ -1,0 +1,94 @@
+"""Outputs of 16 MiB or more are written with non-temporal stores that bypass the cache
+(RunStores in csrc/cpu/batch_norm_loops.h), only for whole cache lines inside a run and from
+aligned addresses; the rest of the output is written as for smaller tensors. These tests run
+inputs past that size with short, odd and misaligned planes and rows, and check that every value
+lands: element-wise results equal, bitwise, those of the same layer on slices of the batch (each
+under the threshold, so written through the cache), and training results match float64.
+"""
+
+import pytest
+import torch
+
+import torch_bn
+
+STREAM_BYTES = 16 << 20
+# (N, C, H, W) at float32, each just over STREAM_BYTES; bfloat16 doubles N. 56x56 planes are
+# whole vectors and lines; 14x14 planes start misaligned every other plane; 7x7 planes with
+# N >= 24 are written a group row at a time; 61x71 planes and 83 channels are odd everywhere.
+SHAPES = [(12, 112, 56, 56), (24, 896, 14, 14), (32, 2688, 7, 7), (12, 83, 61, 71)]
+DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+SLICES = 4
+
+
+def large_input(shape, dtype, layout):
+    n, c, h, w = shape
+    if dtype == torch.bfloat16:
+        n *= 2
+    mean = torch.linspace(-2.0, 3.0, c).view(1, c, 1, 1)
+    x = (torch.randn(n, c, h, w) * 1.5 + mean).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    assert x.numel() * x.element_size() >= STREAM_BYTES
+    assert x.numel() * x.element_size() // SLICES < STREAM_BYTES
+    return x
+
+
+def randomized(layer):
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    return layer
+
+
+def evaluate(layer, x, residual, grad_output):
+    """Output, input gradient and residual gradient of a fused layer in evaluation."""
+    x = x.detach().requires_grad_()
+    residual = residual.detach().requires_grad_()
+    output = layer(x, residual=residual)
+    output.backward(grad_output)
+    return output.detach(), x.grad, residual.grad
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_evaluation_equals_that_of_slices(shape, dtype, layout):
+    """relu(bn(x) + residual) in evaluation and its gradients are element-wise: the whole batch
+    (streamed) and its slices (cached) give the same bits, sign mask included."""
+    x = large_input(shape, dtype, layout)
+    residual, grad_output = torch.randn_like(x), torch.randn_like(x)
+    layer = randomized(torch_bn.BatchNormAct2d(x.shape[1], "relu")).to(dtype).eval()
+    whole = evaluate(layer, x, residual, grad_output)
+    pieces = [
+        evaluate(layer, *parts)
+        for parts in zip(x.chunk(SLICES), residual.chunk(SLICES), grad_output.chunk(SLICES))
+    ]
+    for name, actual, parts in zip(("output", "input gradient", "residual gradient"), whole, zip(*pieces)):
+        assert torch.equal(actual, torch.cat(parts)), name
+        assert actual.is_contiguous(memory_format=LAYOUTS[layout]), name
+
+
+def relative_error(actual, reference):
+    return ((actual.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_matches_float64(shape, dtype, layout):
+    """Training forward and input gradient against float64 on the same (rounded) values: one
+    rounding of the result to float32 (norm-wise 1e-6) or bfloat16 (4e-3)."""
+    x = large_input(shape, dtype, layout)
+    grad_output = torch.randn_like(x)
+    layer = randomized(torch_bn.BatchNorm2d(x.shape[1])).to(dtype)
+    x_leaf = x.detach().requires_grad_()
+    output = layer(x_leaf)
+    output.backward(grad_output)
+    exact = x.double().requires_grad_()
+    weight, bias = layer.weight.detach().double(), layer.bias.detach().double()
+    reference = torch.nn.functional.batch_norm(exact, None, None, weight, bias, training=True, eps=layer.eps)
+    reference.backward(grad_output.double())
+    bound = 1e-6 if dtype == torch.float32 else 4e-3
+    assert relative_error(output, reference.detach()) <= bound
+    assert relative_error(x_leaf.grad, exact.grad) <= 10 * bound
