@@ -346,16 +346,23 @@ void for_each_block(int64_t num_blocks, bool recent_first, const F& f) {
   });
 }
 
-// Folds tiled per-position totals into per-channel doubles.
+// Per-channel arrays that one loop reads and adds into, zero-filled, in one buffer: each lies
+// 128 bytes further past a 4 KiB boundary than the one before. Arrays a multiple of 4 KiB apart
+// (separate vectors of 1024 floats are, give or take malloc's header) make every load from one
+// wait on the store just made to the other, whose address bits below 4 KiB match (4K aliasing).
 template <typename acc_t>
-void fold_groups(const std::vector<acc_t>& tiled, int64_t channels, double* out) {
-  std::fill(out, out + channels, 0.0);
-  for (int64_t row = 0; row < static_cast<int64_t>(tiled.size()); row += channels) {
-    for (const auto c : c10::irange(channels)) {
-      out[c] += static_cast<double>(tiled[row + c]);
-    }
-  }
-}
+class ChannelArrays {
+ public:
+  ChannelArrays(int64_t channels, int count)
+      : stride_(div_up(channels, kPage) * kPage + kSkew), values_(stride_ * count, acc_t(0)) {}
+  acc_t* operator[](int k) { return values_.data() + k * stride_; }
+
+ private:
+  static constexpr int64_t kPage = 4096 / sizeof(acc_t);
+  static constexpr int64_t kSkew = 128 / sizeof(acc_t);
+  int64_t stride_;
+  std::vector<acc_t> values_;
+};
 
 // The normalize pass of one task: writes act(((x - mean) * scale + shift) + residual) run by
 // run, recording the sign mask of a fused activation.
@@ -837,21 +844,33 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   using acc_t = at::opmath_type<scalar_t>;
   const RowPlan plan(s);
   const int64_t C = s.channels;
-  const int64_t tiled = plan.group_rows * C;
-  const TiledMean<acc_t> centering(mean, C, plan.group_rows);
+  // The mean as hi + lo, then (for dx) k1, k2 and k3, per channel.
+  ChannelArrays<acc_t> coefficients(C, 5);
+  for (const auto c : c10::irange(C)) {
+    const auto m = split_mean<acc_t>(mean[c]);
+    coefficients[0][c] = m.hi;
+    coefficients[1][c] = m.lo;
+  }
+  // The per-channel coefficient k from `position` in a row.
+  const auto of = [&](int k, int64_t position) { return PerChannel<acc_t>{coefficients[k] + position}; };
   std::vector<double> block_sum(plan.num_blocks * C), block_dot(plan.num_blocks * C);
   for_each_block(plan.num_blocks, /*recent_first=*/false, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, s, prologue);
-    std::vector<acc_t> sums(tiled, acc_t(0)), dots(tiled, acc_t(0));
+    ChannelArrays<acc_t> totals(C, 2);
+    acc_t* sums = totals[0];
+    acc_t* dots = totals[1];
     plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
-      ChannelTotals<acc_t> sum_out{sums.data() + position}, dot_out{dots.data() + position};
+      // A chunk is whole rows of the group, or a piece of one row (C > kChunk) from `position`.
+      const int64_t width = std::min(n, C);
       grad.read(first, n, /*store_residual_grad=*/true, [&](const auto& dz) {
-        reduce_dy_dot<acc_t>(dz, x + first, n, PerChannel<acc_t>{centering.hi.data() + position},
-                             PerChannel<acc_t>{centering.lo.data() + position}, sum_out, dot_out);
+        reduce_dy_dot_rows<acc_t>(dz, x + first, n / width, width, of(0, position), of(1, position), sums + position,
+                                  dots + position);
       });
     });
-    fold_groups(sums, C, block_sum.data() + block * C);
-    fold_groups(dots, C, block_dot.data() + block * C);
+    for (const auto c : c10::irange(C)) {
+      block_sum[block * C + c] = static_cast<double>(sums[c]);
+      block_dot[block * C + c] = static_cast<double>(dots[c]);
+    }
   });
   // Block by block, so that the loops run along the channels.
   std::fill(sum_dy, sum_dy + C, 0.0);
@@ -865,30 +884,29 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   if (!dx) {
     return;
   }
-  std::vector<double> k1_of(C), k2_of(C), k3_of(C);
   for (const auto c : c10::irange(C)) {
     const auto k = grad_coefficients(training, weight ? weight[c] : 1.0, invstd[c], sum_dy[c], sum_dy_xmu[c],
                                      static_cast<double>(plan.rows));
-    k1_of[c] = k.k1;
-    k2_of[c] = k.k2;
-    k3_of[c] = k.k3;
+    coefficients[2][c] = static_cast<acc_t>(k.k1);
+    coefficients[3][c] = static_cast<acc_t>(k.k2);
+    coefficients[4][c] = static_cast<acc_t>(k.k3);
   }
-  const auto k1 = tile<acc_t>(k1_of.data(), C, plan.group_rows);
-  const auto k2 = tile<acc_t>(k2_of.data(), C, plan.group_rows);
-  const auto k3 = tile<acc_t>(k3_of.data(), C, plan.group_rows);
   for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
     GradReader<scalar_t> grad(dy, s, prologue);
     plan.for_each_chunk_in(block, [&](int64_t first, int64_t position, int64_t n) {
-      grad.read(first, n, /*store_residual_grad=*/false, [&](const auto& dz) {
-        if (training) {
-          grad_input<acc_t>(dz, x + first, dx + first, n, grad.stream, PerChannel<acc_t>{centering.hi.data() + position},
-                            PerChannel<acc_t>{centering.lo.data() + position},
-                            PerChannel<acc_t>{k1.data() + position}, PerChannel<acc_t>{k2.data() + position},
-                            PerChannel<acc_t>{k3.data() + position});
-        } else {
-          scale_by<acc_t>(dz, dx + first, n, grad.stream, PerChannel<acc_t>{k1.data() + position});
-        }
-      });
+      // Row by row, with per-channel coefficients (see ChannelArrays): coefficients tiled to a
+      // group of rows (4 KiB each) lay at a fixed distance from dx modulo 4 KiB all pass long.
+      const int64_t width = std::min(n, C);
+      for (int64_t row = first; row < first + n; row += width) {
+        grad.read(row, width, /*store_residual_grad=*/false, [&](const auto& dz) {
+          if (training) {
+            grad_input<acc_t>(dz, x + row, dx + row, width, grad.stream, of(0, position), of(1, position),
+                              of(2, position), of(3, position), of(4, position));
+          } else {
+            scale_by<acc_t>(dz, dx + row, width, grad.stream, of(2, position));
+          }
+        });
+      }
     });
   });
 }
