@@ -1,9 +1,9 @@
 """Outputs of 16 MiB or more are written with non-temporal stores that bypass the cache
-(RunStores in csrc/cpu/batch_norm_loops.h), only for whole cache lines inside a run and from
-aligned addresses; the rest of the output is written as for smaller tensors. These tests run
-inputs past that size with short, odd and misaligned planes and rows, and check that every value
-lands: element-wise results equal, bitwise, those of the same layer on slices of the batch (each
-under the threshold, so written through the cache), and training results match float64.
+(RunStores in csrc/cpu/batch_norm_loops.h), run by run where a run is whole, aligned cache lines;
+other runs of the same output are written as for smaller tensors. These tests run inputs past
+that size whose runs are streamed, or not, or both, and check that every value lands:
+element-wise results equal, bitwise, those of the same layer on slices of the batch (each under
+the threshold, so written through the cache), and training results match float64.
 """
 
 import pytest
@@ -12,9 +12,10 @@ import torch
 import torch_bn
 
 STREAM_BYTES = 16 << 20
-# (N, C, H, W) at float32, each just over STREAM_BYTES; bfloat16 doubles N. 56x56 planes are
-# whole vectors and lines; 14x14 planes start misaligned every other plane; 7x7 planes with
-# N >= 24 are written a group row at a time; 61x71 planes and 83 channels are odd everywhere.
+# (N, C, H, W) at float32, each just over STREAM_BYTES; bfloat16 doubles N. 56x56 planes, and
+# channels-last rows of 896 or 2688 channels, are whole lines (streamed); 14x14 planes are not
+# (784 bytes, every other one starting mid-line); 7x7 bfloat16 planes with N >= 24 are written a
+# group's row at a time; 61x71 planes and 83 channels are odd everywhere.
 SHAPES = [(12, 112, 56, 56), (24, 896, 14, 14), (32, 2688, 7, 7), (12, 83, 61, 71)]
 DTYPES = [torch.float32, torch.bfloat16]
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
