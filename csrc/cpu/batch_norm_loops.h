@@ -188,7 +188,8 @@ template <typename scalar_t, typename acc_t>
 inline void narrow(const acc_t* chunk, scalar_t* dst, int64_t n, bool stream) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
     write_run<acc_t>(
-        dst, n, stream, [&](int64_t i) { return Vectorized<acc_t>::loadu(chunk + i); }, [&](int64_t i) { return chunk[i]; });
+        dst, n, stream, [&](int64_t i) { return Vectorized<acc_t>::loadu(chunk + i); },
+        [&](int64_t i) { return chunk[i]; });
   }
 }
 

@@ -693,8 +693,8 @@ std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
 // (see OnePassMoments). Where a column's M2 would cancel, the block's M2 is the exact two-pass
 // Σ(x - mean)², from L2. With that second pass for every block (and no fetch-ahead),
 // forward-train took 13-37% longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B,
-// 2 threads). The blocks are then merged with the two-pass formula over their means, M2 = Σ (m2_b + n_b·(mean_b -
-// mean)²), in loops that run along the channels.
+// 2 threads). The blocks are then merged with the two-pass formula over their means,
+// M2 = Σ (m2_b + n_b·(mean_b - mean)²), in loops that run along the channels.
 template <typename scalar_t>
 void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
                         const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
