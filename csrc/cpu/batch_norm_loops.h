@@ -32,6 +32,8 @@ using at::vec::Vectorized;
 // Values converted to the accumulation type per step: 16 KiB of float, so a chunk widened
 // from half/bfloat16 stays in L1 while it is used.
 constexpr int64_t kChunk = 4096;
+// Bytes of a cache line, the unit a prefetch fetches.
+constexpr int64_t kLineBytes = 64;
 
 // One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
 // as many narrow values, widened in registers. The loops read x this way, so that reduced
@@ -354,14 +356,46 @@ struct SquaredDeviation {
   }
 };
 
+// Up to two streams (x, dy) of a run whose lines a reduction fetches `distance` values ahead
+// of those it reads, a loop step at a time; a distance of 0 fetches nothing. Streams are kept
+// as addresses, not pointers: ahead of the last run they lie beyond the tensor (a prefetch does
+// not fault).
+struct FetchAhead {
+  std::array<uintptr_t, 2> streams{};
+  int64_t distance_bytes = 0;
+  int64_t value_bytes = 0;
+
+  template <typename T>
+  static FetchAhead of(const T* a, const T* b, int64_t distance) {
+    return {{reinterpret_cast<uintptr_t>(a), reinterpret_cast<uintptr_t>(b)},
+            distance * static_cast<int64_t>(sizeof(T)), static_cast<int64_t>(sizeof(T))};
+  }
+
+  // Fetches the lines of the `step_bytes` that follow value j, `distance` ahead.
+  void step(int64_t j, int64_t step_bytes) const {
+    for (const uintptr_t stream : streams) {
+      if (stream) {
+        const uintptr_t ahead = stream + j * value_bytes + distance_bytes;
+        for (int64_t byte = 0; byte < step_bytes; byte += kLineBytes) {
+          __builtin_prefetch(reinterpret_cast<const void*>(ahead + byte));
+        }
+      }
+    }
+  }
+};
+
 // Σ term(x, a, b) over a run, the term's k-th sum (see as_sums) added to out[k] at the end. The
 // run's totals start from zero in registers: copying two running totals in and out was a block
 // move per run, a third of forward-train's statistics time at 14x14.
 template <typename acc_t, typename T, typename Term, typename P>
-inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, RunTotal<acc_t>* out) {
+inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, const P& b, RunTotal<acc_t>* out,
+                         const FetchAhead& ahead = {}) {
   constexpr size_t K = sum_count<acc_t, Term>;
   RunTotal<acc_t> total[K];
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
+    if (slot == 0 && ahead.distance_bytes) {
+      ahead.step(j, kUnroll * Vectorized<acc_t>::size() * sizeof(T));
+    }
     const auto terms = as_sums(term(load<acc_t>(x + j), a, b, j));
     for (size_t k = 0; k < K; ++k) {
       total[k].add(slot, j, terms[k]);
@@ -381,10 +415,14 @@ inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, co
 // Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy. `dy` is a
 // source (Values, SignGated): dy[i] and dy.vec(i) are its values in the accumulation type.
 template <typename acc_t, typename D, typename T, typename P, typename Out>
-inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot) {
+inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot,
+                          const FetchAhead& ahead = {}) {
   using Vec = Vectorized<acc_t>;
   Out sum_total = sum, dot_total = dot;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
+    if (slot == 0 && ahead.distance_bytes) {
+      ahead.step(j, kUnroll * Vectorized<acc_t>::size() * sizeof(T));
+    }
     const Vec g = dy.vec(j);
     sum_total.add(slot, j, g);
     dot_total.add(slot, j, g * centered(load<acc_t>(x + j), hi, lo, j));
@@ -444,7 +482,6 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
   // Vectors per strip: their K totals and the terms' operands fit in 16 registers.
   constexpr int kStrip = 4;
   constexpr int64_t kGroupValues = 4096;
-  constexpr int64_t kLineBytes = 64;
   const int64_t group_rows = std::max<int64_t>(8, kGroupValues / C);
   std::vector<acc_t> sums(K * C);
   std::fill(total, total + K * C, 0.0);
