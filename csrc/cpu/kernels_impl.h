@@ -161,8 +161,9 @@ struct PlanarPlan {
   // new stream to the hardware prefetchers, a few KiB each, which they learn too late.
   // Interleaved A/B on the AMD EPYC VM (2 threads): forward-train 1.17-1.23x faster at
   // 32x64x56x56 float32 (12.5 KiB planes), 1.3x in bfloat16, backward 1.2-1.3x in bfloat16 and
-  // 1.15x at 32x128x28x28 float32; with 25 KiB and more per batch (float32 backward at 56x56,
-  // anything at 112x112) it was even or up to 18% slower, the prefetches outrunning L1.
+  // 1.15x at 32x128x28x28 float32. Float32 backward at 56x56 (25 KiB per batch) was even or up
+  // to 5% slower so, and fetching only the next plane's first 16 KiB gained nothing there.
+  // Planes of kChunk values or more are read a chunk at a time, mostly contiguous runs.
   int64_t fetch_distance() const {
     const bool whole_planes = s.inner < kChunk && !by_position();
     return whole_planes && group * s.inner * bytes_per_value <= kFetchAheadBytes ? s.channels * s.inner : 0;
