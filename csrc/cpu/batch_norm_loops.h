@@ -35,6 +35,17 @@ constexpr int64_t kChunk = 4096;
 // Bytes of a cache line, the unit a prefetch fetches.
 constexpr int64_t kLineBytes = 64;
 
+// Prefetches the cache lines of `bytes` bytes from `address`. An address, not a pointer: ahead
+// of the last piece of a pass it lies beyond the tensor (a prefetch does not fault). Always
+// inlined, as is every function that calls it for a loop: GCC takes a function whose only
+// effect is prefetching for one without side effects, and deletes a call it does not inline
+// (FetchAhead::step, not inlined into the statistics loops, compiled to nothing so).
+C10_ALWAYS_INLINE void prefetch_lines(uintptr_t address, int64_t bytes) {
+  for (int64_t byte = 0; byte < bytes; byte += kLineBytes) {
+    __builtin_prefetch(reinterpret_cast<const void*>(address + byte));
+  }
+}
+
 // One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
 // as many narrow values, widened in registers. The loops read x this way, so that reduced
 // precision input is not widened into a buffer first.
@@ -358,8 +369,7 @@ struct SquaredDeviation {
 
 // Up to two streams (x, dy) of a run whose lines a reduction fetches `distance` values ahead
 // of those it reads, a loop step at a time; a distance of 0 fetches nothing. Streams are kept
-// as addresses, not pointers: ahead of the last run they lie beyond the tensor (a prefetch does
-// not fault).
+// as addresses (see prefetch_lines).
 struct FetchAhead {
   std::array<uintptr_t, 2> streams{};
   int64_t distance_bytes = 0;
@@ -371,14 +381,17 @@ struct FetchAhead {
             distance * static_cast<int64_t>(sizeof(T)), static_cast<int64_t>(sizeof(T))};
   }
 
-  // Fetches the lines of the `step_bytes` that follow value j, `distance` ahead.
-  void step(int64_t j, int64_t step_bytes) const {
+  // Fetches the lines of the loop step (for_each_vector's kUnroll vectors of acc_t) from
+  // value j, `distance` ahead.
+  template <typename acc_t>
+  C10_ALWAYS_INLINE void step(int64_t j) const {
+    if (distance_bytes == 0) {
+      return;
+    }
+    const int64_t step_bytes = kUnroll * Vectorized<acc_t>::size() * value_bytes;
     for (const uintptr_t stream : streams) {
       if (stream) {
-        const uintptr_t ahead = stream + j * value_bytes + distance_bytes;
-        for (int64_t byte = 0; byte < step_bytes; byte += kLineBytes) {
-          __builtin_prefetch(reinterpret_cast<const void*>(ahead + byte));
-        }
+        prefetch_lines(stream + j * value_bytes + distance_bytes, step_bytes);
       }
     }
   }
@@ -393,8 +406,8 @@ inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, co
   constexpr size_t K = sum_count<acc_t, Term>;
   RunTotal<acc_t> total[K];
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    if (slot == 0 && ahead.distance_bytes) {
-      ahead.step(j, kUnroll * Vectorized<acc_t>::size() * sizeof(T));
+    if (slot == 0) {
+      ahead.step<acc_t>(j);
     }
     const auto terms = as_sums(term(load<acc_t>(x + j), a, b, j));
     for (size_t k = 0; k < K; ++k) {
@@ -420,8 +433,8 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   using Vec = Vectorized<acc_t>;
   Out sum_total = sum, dot_total = dot;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
-    if (slot == 0 && ahead.distance_bytes) {
-      ahead.step(j, kUnroll * Vectorized<acc_t>::size() * sizeof(T));
+    if (slot == 0) {
+      ahead.step<acc_t>(j);
     }
     const Vec g = dy.vec(j);
     sum_total.add(slot, j, g);
@@ -502,12 +515,9 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
         for (int64_t r = r0; r < r1; ++r) {
           const T* row = x + r * stride + c;
           if (fetch_ahead) {
-            // As an address, not a pointer: past the last group it lies beyond x (a prefetch
-            // does not fault).
-            const uintptr_t ahead = reinterpret_cast<uintptr_t>(row) + group_rows * stride * sizeof(T);
-            for (int64_t byte = 0; byte < W * V * static_cast<int64_t>(sizeof(T)); byte += kLineBytes) {
-              __builtin_prefetch(reinterpret_cast<const void*>(ahead + byte));
-            }
+            // Past the last group the address lies beyond x (see prefetch_lines).
+            prefetch_lines(reinterpret_cast<uintptr_t>(row) + group_rows * stride * sizeof(T),
+                           W * V * static_cast<int64_t>(sizeof(T)));
           }
           for (int w = 0; w < W; ++w) {
             const auto terms = as_sums(term(load<acc_t>(row + w * V), a, b, c + w * V));
