@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 #include <c10/util/irange.h>
@@ -80,11 +81,12 @@ std::tuple<Tensor, Tensor> forward_eval_act_kernel(
   return op.call(input, weight, bias, running_mean, running_var, residual, eps, activation, negative_slope);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_act_dispatch(
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_act_kernel(
     const Tensor& grad_output, const Tensor& input, const OptionalTensor& weight, const Tensor& mean,
     const Tensor& invstd, const Tensor& mask, bool training, c10::string_view activation, double negative_slope,
     std::array<bool, 4> output_mask) {
-  static const auto op = find_op<decltype(backward_act_dispatch)>("torch_bn::backward_act");
+  static const auto op = find_op<decltype(backward_act_kernel)>("torch_bn::backward_act");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(grad_output, input, weight, mean, invstd, mask, training, activation, negative_slope, output_mask);
 }
 
@@ -121,8 +123,53 @@ std::pair<Tensor, Tensor> eval_statistics(const Tensor& input, const Tensor& run
           at::rsqrt(running_var.to(stats_type, /*non_blocking=*/false, /*copy=*/true).add_(eps))};
 }
 
+// Every dimension but the channels': what the statistics reduce over.
+std::vector<int64_t> reduction_dims(const Tensor& input) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < input.dim(); ++d) {
+    dims.push_back(d);
+  }
+  return dims;
+}
+
+// torch_bn::backward in differentiable ATen ops, mean and invstd taken as given (in training the
+// statistics' own dependence on the input is the caller's to add). grad_weight is Σ dy·xhat,
+// which needs no weight; it has the weight's dtype, or the input's without one.
+std::tuple<Tensor, Tensor, Tensor> backward_formula(const Tensor& grad_output, const Tensor& input,
+                                                    const OptionalTensor& weight, const Tensor& mean,
+                                                    const Tensor& invstd, bool training) {
+  const auto dims = reduction_dims(input);
+  std::vector<int64_t> per_channel(input.dim(), 1);
+  per_channel[1] = -1;
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const bool has_weight = given(weight);
+  const Tensor dy = grad_output.to(acc);
+  const Tensor inv = invstd.to(acc).view(per_channel);
+  const Tensor xhat = (input.to(acc) - mean.to(acc).view(per_channel)) * inv;
+  const Tensor scale = has_weight ? inv * weight->to(acc).view(per_channel) : inv;
+  const Tensor grad_input = training
+      ? scale * (dy - dy.mean(dims, /*keepdim=*/true) - xhat * (dy * xhat).mean(dims, /*keepdim=*/true))
+      : dy * scale;
+  const auto param_type = has_weight ? weight->scalar_type() : input.scalar_type();
+  return {grad_input.to(input.scalar_type()), (dy * xhat).sum(dims).to(param_type), dy.sum(dims).to(param_type)};
+}
+
+// backward_formula in training with the batch statistics recomputed from the input in
+// differentiable ops (biased variance, as the forward normalizes with), so that a gradient of
+// these gradients includes the statistics' dependence on the input.
+std::tuple<Tensor, Tensor, Tensor> training_backward_formula(const Tensor& grad_output, const Tensor& input,
+                                                             const OptionalTensor& weight, double eps) {
+  const auto dims = reduction_dims(input);
+  const Tensor x = input.to(at::toOpMathType(input.scalar_type()));
+  const Tensor mean = x.mean(dims);
+  const Tensor invstd = at::rsqrt(x.var(dims, /*unbiased=*/false) + eps);
+  return backward_formula(grad_output, input, weight, mean, invstd, /*training=*/true);
+}
+
 // The gradients for (input, weight, bias), the first three tensor arguments, from the saved
-// (input, weight, mean, invstd), through the backward op; undefined where not needed.
+// (input, weight, mean, invstd), through the backward op; undefined where not needed. Under
+// create_graph=True in training they are built by training_backward_formula instead: the backward
+// op's own gradient takes the saved statistics as constants, which in training they are not.
 variable_list batch_norm_gradients(AutogradContext* ctx, const Tensor& grad_output, bool training) {
   const auto saved = ctx->get_saved_variables();
   const auto needs = needs_input_grad(ctx);
@@ -131,8 +178,26 @@ variable_list batch_norm_gradients(AutogradContext* ctx, const Tensor& grad_outp
     return {Tensor(), Tensor(), Tensor()};
   }
   auto [grad_input, grad_weight, grad_bias] =
-      backward_dispatch(grad_output, saved[0], optional(saved[1]), saved[2], saved[3], training, mask);
+      training && at::GradMode::is_enabled()
+      ? training_backward_formula(grad_output, saved[0], optional(saved[1]), ctx->saved_data["eps"].toDouble())
+      : backward_dispatch(grad_output, saved[0], optional(saved[1]), saved[2], saved[3], training, mask);
   return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor()};
+}
+
+// Gradients computed under create_graph=True that cannot be differentiated again, as with
+// torch's @once_differentiable: they carry a node that raises if a later backward reaches it.
+variable_list once_differentiable(variable_list grads) {
+  if (!at::GradMode::is_enabled()) {
+    return grads;
+  }
+  for (auto& grad : grads) {
+    if (grad.defined()) {
+      grad = grad.detach().requires_grad_(true);
+    }
+  }
+  const auto error = std::make_shared<torch::autograd::DelayedError>(
+      "torch_bn: the fused BatchNorm-activation ops cannot be differentiated twice", grads.size());
+  return (*error)(std::move(grads));
 }
 
 // As batch_norm_gradients for the fused ops, from the saved (input, weight, mean, invstd, mask),
@@ -145,11 +210,11 @@ variable_list batch_norm_act_gradients(AutogradContext* ctx, const Tensor& grad_
   if (!mask[0] && !mask[1] && !mask[2] && !mask[3]) {
     return {Tensor(), Tensor(), Tensor(), Tensor()};
   }
-  auto [grad_input, grad_weight, grad_bias, grad_residual] = backward_act_dispatch(
+  auto [grad_input, grad_weight, grad_bias, grad_residual] = backward_act_kernel(
       grad_output, saved[0], optional(saved[1]), saved[2], saved[3], saved[4], training,
       ctx->saved_data["activation"].toStringRef(), ctx->saved_data["negative_slope"].toDouble(), mask);
-  return {mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(), mask[2] ? grad_bias : Tensor(),
-          mask[3] ? grad_residual : Tensor()};
+  return once_differentiable({mask[0] ? grad_input : Tensor(), mask[1] ? grad_weight : Tensor(),
+                              mask[2] ? grad_bias : Tensor(), mask[3] ? grad_residual : Tensor()});
 }
 
 class ForwardTrain : public torch::autograd::Function<ForwardTrain> {
@@ -159,6 +224,7 @@ class ForwardTrain : public torch::autograd::Function<ForwardTrain> {
     auto [output, mean, invstd] = forward_train_kernel(input, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
     record_given(ctx, {true, given(weight), given(bias)});
+    ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd});
     return {output, mean, invstd};
   }
@@ -188,31 +254,6 @@ class ForwardEval : public torch::autograd::Function<ForwardEval> {
     return result;
   }
 };
-
-// torch_bn::backward in differentiable ATen ops, mean and invstd taken as given (in training the
-// statistics' own dependence on the input is the caller's to add). grad_weight is Σ dy·xhat,
-// which needs no weight; it has the weight's dtype, or the input's without one.
-std::tuple<Tensor, Tensor, Tensor> backward_formula(const Tensor& grad_output, const Tensor& input,
-                                                    const OptionalTensor& weight, const Tensor& mean,
-                                                    const Tensor& invstd, bool training) {
-  std::vector<int64_t> dims{0};
-  std::vector<int64_t> per_channel(input.dim(), 1);
-  per_channel[1] = -1;
-  for (int64_t d = 2; d < input.dim(); ++d) {
-    dims.push_back(d);
-  }
-  const auto acc = at::toOpMathType(input.scalar_type());
-  const bool has_weight = given(weight);
-  const Tensor dy = grad_output.to(acc);
-  const Tensor inv = invstd.to(acc).view(per_channel);
-  const Tensor xhat = (input.to(acc) - mean.to(acc).view(per_channel)) * inv;
-  const Tensor scale = has_weight ? inv * weight->to(acc).view(per_channel) : inv;
-  const Tensor grad_input = training
-      ? scale * (dy - dy.mean(dims, /*keepdim=*/true) - xhat * (dy * xhat).mean(dims, /*keepdim=*/true))
-      : dy * scale;
-  const auto param_type = has_weight ? weight->scalar_type() : input.scalar_type();
-  return {grad_input.to(input.scalar_type()), (dy * xhat).sum(dims).to(param_type), dy.sum(dims).to(param_type)};
-}
 
 // The backward op's own gradient (double backward): backward_formula differentiated at the
 // saved inputs.
@@ -384,6 +425,7 @@ TORCH_LIBRARY_IMPL(torch_bn, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(torch_bn, CompositeImplicitAutograd, m) {
   m.impl("backward_formula", &backward_formula);
+  m.impl("training_backward_formula", &training_backward_formula);
 }
 
 } // namespace torch_bn

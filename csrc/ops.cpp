@@ -32,6 +32,12 @@ TORCH_LIBRARY(torch_bn, m) {
   m.def(
       "backward_formula(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
       " bool training) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // backward_formula in training with the batch statistics recomputed from `input` in
+  // differentiable ops, so that their dependence on the input is part of the graph: forward
+  // in training differentiated twice.
+  m.def(
+      "training_backward_formula(Tensor grad_output, Tensor input, Tensor? weight, float eps)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // The same with a fused epilogue: z = BN(x) + residual, output = act(z) for activation
   // "identity", "relu" or "leaky_relu" (slope negative_slope). `mask` holds the sign of z, one
   // bit per element in the input's memory order (LSB first), empty for "identity".

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import torch_bn
+from torch_bn import ops
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu"]
 SLOPE = 0.2
@@ -240,6 +241,22 @@ def test_double_backward_raises():
     (grad_x,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad_x.sum().backward()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_ops_double_backward_raises(training):
+    # The ops' autograd (registered in C++) as the layer's: a gradient of their gradient raises
+    # rather than coming out as if the mask's dependence on the input were nothing.
+    x = leaf(random_input(SHAPE, torch.float64, "cpu"))
+    weight, bias = (leaf(torch.rand(SHAPE[1], dtype=torch.float64) + 0.5) for _ in range(2))
+    if training:
+        output = ops.forward_train_act(x, weight, bias, None, 1e-3, "relu", SLOPE)[0]
+    else:
+        running_mean, running_var = torch.zeros(SHAPE[1], dtype=torch.float64), torch.ones(SHAPE[1], dtype=torch.float64)
+        output = ops.forward_eval_act(x, weight, bias, running_mean, running_var, None, 1e-3, "relu", SLOPE)[0]
+    grad_x, grad_weight = torch.autograd.grad(output.pow(2).sum(), (x, weight), create_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        (grad_x.sum() + grad_weight.sum()).backward()
 
 
 def saved_bytes(fn):

@@ -90,9 +90,9 @@ def gradcheck_inputs(shape, affine):
     return [x, (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(shape[1], dtype=torch.float64, requires_grad=True)]
 
 
-# The ops' own gradients (registered in C++), checked against finite differences. forward_train's
-# statistics are non-differentiable outputs, so its gradient is first-order exact only; the
-# modules' higher-order gradients are checked in test_functional.py.
+# The ops' own gradients (registered in C++), checked against finite differences, to second
+# order: forward_train's statistics are non-differentiable outputs, but its double backward
+# recomputes them from the input, so their dependence on it is not lost.
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
 def test_forward_train_gradcheck(affine):
     inputs = gradcheck_inputs((3, 2, 2, 2), affine)
@@ -105,6 +105,7 @@ def test_forward_train_gradcheck(affine):
         return torch.ops.torch_bn.forward_train.default(x, weight, bias, 1e-3)[0]
 
     assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])

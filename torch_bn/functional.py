@@ -50,11 +50,9 @@ def _differentiable_backward(grad_output, input, weight, mean, invstd, training,
     part of the graph; in evaluation they are constants.
     """
     if training:
-        dims = [0, *range(2, input.dim())]
-        x = input.to(ops.stats_dtype(input))
-        mean = x.mean(dims)
-        invstd = torch.rsqrt(x.var(dims, unbiased=False) + eps)
-    grads = ops.backward_formula(grad_output, input, weight, mean, invstd, training)
+        grads = ops.training_backward_formula(grad_output, input, weight, eps)
+    else:
+        grads = ops.backward_formula(grad_output, input, weight, mean, invstd, training)
     return tuple(g if wanted else None for g, wanted in zip(grads, needs))
 
 

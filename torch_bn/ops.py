@@ -151,6 +151,13 @@ def backward_formula(grad_output, input, weight, mean, invstd, training):
     return grad_input, grad_weight if weight is not None else None, grad_bias
 
 
+def training_backward_formula(grad_output, input, weight, eps):
+    """backward_formula in training with the batch statistics recomputed from ``input`` in
+    differentiable ops, so that their dependence on it is part of the graph."""
+    grad_input, grad_weight, grad_bias = torch.ops.torch_bn.training_backward_formula.default(grad_output, input, weight, eps)
+    return grad_input, grad_weight if weight is not None else None, grad_bias
+
+
 # BatchNorm with a fused activation epilogue: z = BN(x) (+ residual), output = act(z); the sign
 # of z is kept as a bit mask (1 bit per element) for the backward pass instead of the output.
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
