@@ -71,11 +71,10 @@ def needs_autograd(*tensors: Optional[Tensor]) -> bool:
 
 
 def batch_norm_function(input, weight, bias, running_mean, running_var, training, eps):
-    """BatchNormFunction.apply, or the forward op alone where no gradient can be asked for: an
-    autograd.Function's bookkeeping, and in evaluation the statistics it saves for backward, cost
-    more than a small layer's kernel. In evaluation without autograd, mean and invstd are None."""
-    if needs_autograd(input, weight, bias):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+    """The forward ops as a ``BatchNormCall``, with the ops' own autograd (registered in C++)
+    rather than BatchNormFunction's: the same gradients, double backward included, without a
+    Python Function's bookkeeping, which costs more than a small layer's kernel. In evaluation
+    mean and invstd are None."""
     if training:
         return ops.forward_train(input, weight, bias, eps)
     return ops.forward_eval(input, weight, bias, running_mean, running_var, eps), None, None
