@@ -460,6 +460,28 @@ struct GradReader {
   }
 };
 
+// Writes the planar group of channels [c0, c1) with the coefficients of `p` from its channel
+// `first` on (p's channel first + i is channel c0 + i).
+template <typename scalar_t, typename acc_t>
+void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const ChannelAffine<acc_t>& p, int64_t first,
+                        NormalizeWriter<scalar_t>& writer) {
+  const auto of_group = [&](const std::vector<acc_t>& v) {
+    return std::vector<acc_t>(v.begin() + first, v.begin() + first + (c1 - c0));
+  };
+  // Folded means are not passed at all: by position they would be zeros read for nothing.
+  if (p.centered) {
+    plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.mean.hi), of_group(p.mean.lo), of_group(p.scale), of_group(p.shift)},
+                                     [&](int64_t at, int64_t n, const auto& view) {
+                                       writer.write(at, n, view(0), view(1), view(2), view(3));
+                                     });
+  } else {
+    plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.scale), of_group(p.shift)},
+                                     [&](int64_t at, int64_t n, const auto& view) {
+                                       writer.write(at, n, Zero<acc_t>{}, Zero<acc_t>{}, view(0), view(1));
+                                     });
+  }
+}
+
 template <typename scalar_t>
 void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
                     const Epilogue& epilogue, bool recent_first = false) {
@@ -490,19 +512,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   if (plan.by_position() && !std::is_same_v<scalar_t, acc_t>) {
     plan.for_each_group([&](int64_t c0, int64_t c1) {
       NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
-      const auto of_group = [&](const std::vector<acc_t>& v) { return std::vector<acc_t>(v.begin() + c0, v.begin() + c1); };
-      // Folded means are not spread to positions at all: they would be zeros read for nothing.
-      if (p.centered) {
-        plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.mean.hi), of_group(p.mean.lo), of_group(p.scale), of_group(p.shift)},
-                                         [&](int64_t first, int64_t n, const auto& view) {
-                                           writer.write(first, n, view(0), view(1), view(2), view(3));
-                                         });
-      } else {
-        plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.scale), of_group(p.shift)},
-                                         [&](int64_t first, int64_t n, const auto& view) {
-                                           writer.write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view(0), view(1));
-                                         });
-      }
+      write_planar_group(plan, c0, c1, p, c0, writer);
     });
     return;
   }
@@ -668,21 +678,19 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
                                     [&](int64_t a, int64_t b) { return SumByPosition<acc_t, scalar_t>{x, plan, a, b}; })
             : planar_moments<acc_t>(x, plan, c0, c1,
                                     [&](int64_t a, int64_t b) { return SumByRun<acc_t, scalar_t>{x, plan, a, b}; });
-    std::vector<acc_t> hi(channels), lo(channels), scale(channels), shift(channels);
+    std::vector<double> scale(channels);
     for (const auto i : c10::irange(channels)) {
       const int64_t c = c0 + i;
       mean_out[c] = moments[i].mean;
       invstd_out[c] = 1.0 / std::sqrt(moments[i].m2 / moments[i].count + eps);
-      const auto m = split_mean<acc_t>(mean_out[c]);
-      hi[i] = m.hi;
-      lo[i] = m.lo;
-      scale[i] = static_cast<acc_t>((weight ? weight[c] : 1.0) * invstd_out[c]);
-      shift[i] = static_cast<acc_t>(bias ? bias[c] : 0.0);
+      scale[i] = (weight ? weight[c] : 1.0) * invstd_out[c];
     }
+    // Means folded as in evaluation. By position, where each coefficient is a load per vector,
+    // forward-train at 32x512x7x7 and 32x2048x7x7 was 1.13-1.33x faster so in float32 and
+    // 1.07-1.19x in bfloat16 (interleaved A/B, 2 threads); plane by plane it is a subtraction less.
+    const ChannelAffine<acc_t> affine(channels, /*group_rows=*/1, mean_out + c0, scale.data(), bias ? bias + c0 : nullptr);
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
-    plan.for_each_group_write<acc_t>(c0, c1, {hi, lo, scale, shift}, [&](int64_t first, int64_t n, const auto& view) {
-      writer.write(first, n, view(0), view(1), view(2), view(3));
-    });
+    write_planar_group(plan, c0, c1, affine, 0, writer);
   });
 }
 
