@@ -47,6 +47,30 @@ def test_large_mean_small_spread(mean, std, bound, layout, training, device):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradients_for_means_on_both_sides_of_the_fold(layout, device):
+    # The input gradient folds a channel's mean into a constant where the mean is at most a
+    # standard deviation from zero and keeps x - mean otherwise: channels on both sides of that
+    # line, and far past it, all as accurate as float32 allows (measured: at most 3e-7 NCHW and
+    # 9.4e-7 channels-last; folding every channel, the mean-100 one came to 1.6e-6 and 2.3e-6).
+    means = torch.tensor([0.0, 0.5, 0.99, 1.01, 2.0, -3.0, -30.0, 100.0], dtype=torch.float64)
+    x = (torch.randn(16, 8, 7, 7, dtype=torch.float64) + means.view(1, -1, 1, 1)).float()
+    # Correlated with the input, so that the gradient's x - mean term carries weight.
+    grad_output = (0.5 * (x.double() - means.view(1, -1, 1, 1)) + torch.randn(x.shape, dtype=torch.float64)).float()
+    x, grad_output = (t.contiguous(memory_format=LAYOUTS[layout]).to(device) for t in (x, grad_output))
+    weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    exact_input = x.double().requires_grad_()
+    torch.nn.functional.batch_norm(exact_input, None, None, weight.to(device), training=True).backward(grad_output.double())
+    bn = torch_bn.BatchNorm2d(8, track_running_stats=False).to(device)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+    input = x.clone().requires_grad_()
+    bn(input).backward(grad_output)
+    for c in range(8):
+        error = relative_error(input.grad[:, c], exact_input.grad[:, c])
+        assert error <= 1.5e-6, f"channel {c} (mean {means[c].item()}): relative error {error}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_batch_drifting_far_from_its_mean(layout, device):
     """Statistics of an input whose images lie far apart (an offset of 50 per image, spread 1
     within one): every piece the CPU kernels sum in one pass (an NCHW plane, a channels-last

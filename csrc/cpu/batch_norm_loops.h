@@ -564,8 +564,8 @@ inline void scale_by(D dy, T* dx, int64_t n, bool stream, P k) {
 
 // Training-mode input gradient: dx = dy·k1 - (x - mean)·k2 - k3, with per-channel
 // k1 = weight·invstd, k2 = k1·invstd²·Σdy(x-mean)/n, k3 = k1·Σdy/n.
-template <typename acc_t, typename D, typename T, typename P>
-inline void grad_input(D dy, const T* x, T* dx, int64_t n, bool stream, P hi, P lo, P k1, P k2, P k3) {
+template <typename acc_t, typename D, typename T, typename M, typename P>
+inline void grad_input(D dy, const T* x, T* dx, int64_t n, bool stream, M hi, M lo, P k1, P k2, P k3) {
   write_run<acc_t>(
       dx, n, stream,
       [&](int64_t i) {
