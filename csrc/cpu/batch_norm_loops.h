@@ -425,13 +425,16 @@ inline void reduce_terms(const T* x, int64_t n, const Term& term, const P& a, co
   }
 }
 
-// Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy. `dy` is a
-// source (Values, SignGated): dy[i] and dy.vec(i) are its values in the accumulation type.
-template <typename acc_t, typename D, typename T, typename P, typename Out>
-inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, Out& sum, Out& dot,
-                          const FetchAhead& ahead = {}) {
+// Σ dy and Σ dy·(x - mean): everything backward needs from a pass over x and dy, added to sum and
+// dot. `dy` is a source (Values, SignGated): dy[i] and dy.vec(i) are its values in the
+// accumulation type. As in reduce_terms the run's totals start from zero in registers: copied
+// in, the totals were moved in halves and read back whole, a store-forwarding stall per run
+// (backward 5-15% slower at 7x7 and 14x14, even at 28x28; interleaved A/B, 2 threads).
+template <typename acc_t, typename D, typename T, typename P>
+inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const P& lo, RunTotal<acc_t>& sum,
+                          RunTotal<acc_t>& dot, const FetchAhead& ahead = {}) {
   using Vec = Vectorized<acc_t>;
-  Out sum_total = sum, dot_total = dot;
+  RunTotal<acc_t> sum_total, dot_total;
   int64_t i = for_each_vector<acc_t>(n, [&](int slot, int64_t j) {
     if (slot == 0) {
       ahead.step<acc_t>(j);
@@ -445,8 +448,8 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
     sum_total.add(i, g);
     dot_total.add(i, acc_t(g * centered(static_cast<acc_t>(x[i]), hi, lo, i)));
   }
-  sum = sum_total;
-  dot = dot_total;
+  sum.add(sum_total);
+  dot.add(dot_total);
 }
 
 // The same per column over `rows` rows of `width` columns (a channels-last group of rows, or a
