@@ -246,11 +246,7 @@ template <typename acc_t>
 struct RunTotal {
   Vectorized<acc_t> lanes[kUnroll];
   acc_t tail = 0;
-  RunTotal() {
-    for (auto& lane : lanes) {
-      lane = Vectorized<acc_t>(acc_t(0));
-    }
-  }
+  RunTotal() : RunTotal(std::make_index_sequence<kUnroll>{}) {}
   void add(int slot, int64_t /*i*/, const Vectorized<acc_t>& v) { lanes[slot] += v; }
   void add(int64_t /*i*/, acc_t v) { tail += v; }
   void add(const RunTotal& other) {
@@ -266,6 +262,14 @@ struct RunTotal {
     }
     return horizontal_sum(sum) + tail;
   }
+
+ private:
+  // The lanes zeroed one by one: zeroed in a loop, GCC made the loop a memset (rep stos) of the
+  // local totals of every run, whose stores the lanes' first loads then waited on. Backward at
+  // 32x512x7x7 float32 took 0.40-0.59 ms so against 0.23-0.26 ms now (alternating builds,
+  // against torch's in the same process: 0.57-0.71x of it before, 0.92-1.11x now).
+  template <size_t... Slot>
+  explicit RunTotal(std::index_sequence<Slot...>) : lanes{((void)Slot, Vectorized<acc_t>(acc_t(0)))...} {}
 };
 
 // Calls vector_step(slot, i) on [0, n) kUnroll vectors at a time, then on the remaining whole
