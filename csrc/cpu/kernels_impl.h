@@ -245,6 +245,26 @@ struct PlanarPlan {
       });
     });
   }
+
+  // for_each_group_write of `values` after the group's mean, hi + lo, where `centered`:
+  // write(first, n, hi_of, lo_of, view) gets the mean's sources and view(k) for values[k].
+  // Folded means (not centered) are Zero and not passed at all: by position they would be
+  // spread to zeros read for nothing.
+  template <typename acc_t, typename Write>
+  void for_each_group_write_centered(int64_t c0, int64_t c1, bool centered, const std::vector<acc_t>& hi,
+                                     const std::vector<acc_t>& lo, std::vector<std::vector<acc_t>> values,
+                                     const Write& write) const {
+    if (!centered) {
+      for_each_group_write<acc_t>(c0, c1, std::move(values), [&](int64_t first, int64_t n, const auto& view) {
+        write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view);
+      });
+      return;
+    }
+    values.insert(values.begin(), {hi, lo});
+    for_each_group_write<acc_t>(c0, c1, std::move(values), [&](int64_t first, int64_t n, const auto& view) {
+      write(first, n, view(0), view(1), [&](int k) { return view(k + 2); });
+    });
+  }
 };
 
 // Per-channel values in the accumulation type, tiled `group_rows` times for the rows layout so
@@ -468,18 +488,11 @@ void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const Ch
   const auto of_group = [&](const std::vector<acc_t>& v) {
     return std::vector<acc_t>(v.begin() + first, v.begin() + first + (c1 - c0));
   };
-  // Folded means are not passed at all: by position they would be zeros read for nothing.
-  if (p.centered) {
-    plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.mean.hi), of_group(p.mean.lo), of_group(p.scale), of_group(p.shift)},
-                                     [&](int64_t at, int64_t n, const auto& view) {
-                                       writer.write(at, n, view(0), view(1), view(2), view(3));
-                                     });
-  } else {
-    plan.for_each_group_write<acc_t>(c0, c1, {of_group(p.scale), of_group(p.shift)},
-                                     [&](int64_t at, int64_t n, const auto& view) {
-                                       writer.write(at, n, Zero<acc_t>{}, Zero<acc_t>{}, view(0), view(1));
-                                     });
-  }
+  plan.for_each_group_write_centered<acc_t>(
+      c0, c1, p.centered, of_group(p.mean.hi), of_group(p.mean.lo), {of_group(p.scale), of_group(p.shift)},
+      [&](int64_t at, int64_t n, const auto& hi, const auto& lo, const auto& view) {
+        writer.write(at, n, hi, lo, view(0), view(1));
+      });
 }
 
 template <typename scalar_t>
@@ -877,26 +890,17 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     }
     const bool centered = fold_grad_coefficients(c0, c1, training, mean, invstd, weight, sum_dy, sum_dy_xmu, n,
                                                  hi.data(), lo.data(), k1.data(), k2.data(), k3.data());
-    const auto write = [&](int64_t first, int64_t len, const auto& hi_of, const auto& lo_of, const auto& k1_of,
-                           const auto& k2_of, const auto& k3_of) {
-      grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
-        if (training) {
-          grad_input<acc_t>(dz, x + first, dx + first, len, grad.stream, hi_of, lo_of, k1_of, k2_of, k3_of);
-        } else {
-          scale_by<acc_t>(dz, dx + first, len, grad.stream, k1_of);
-        }
-      });
-    };
-    // By position each coefficient is a load per vector: folded means are not passed at all.
-    if (centered) {
-      plan.for_each_group_write<acc_t>(c0, c1, {hi, lo, k1, k2, k3}, [&](int64_t first, int64_t len, const auto& view) {
-        write(first, len, view(0), view(1), view(2), view(3), view(4));
-      });
-    } else {
-      plan.for_each_group_write<acc_t>(c0, c1, {k1, k2, k3}, [&](int64_t first, int64_t len, const auto& view) {
-        write(first, len, Zero<acc_t>{}, Zero<acc_t>{}, view(0), view(1), view(2));
-      });
-    }
+    plan.for_each_group_write_centered<acc_t>(
+        c0, c1, centered, hi, lo, {k1, k2, k3},
+        [&](int64_t first, int64_t len, const auto& hi_of, const auto& lo_of, const auto& view) {
+          grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
+            if (training) {
+              grad_input<acc_t>(dz, x + first, dx + first, len, grad.stream, hi_of, lo_of, view(0), view(1), view(2));
+            } else {
+              scale_by<acc_t>(dz, dx + first, len, grad.stream, view(0));
+            }
+          });
+        });
   });
 }
 
