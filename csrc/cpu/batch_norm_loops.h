@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -84,11 +85,15 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
 // fitting in L3 together (interleaved A/B, 2 threads). A run is streamed only when it is whole
 // cache lines: a line shared with the neighbouring run, written by plain stores, would cost a
 // partial write-combining flush. Streaming every line inside each run made evaluation at
-// 32x1024x14x14 (784-byte planes) twice as slow as not streaming it.
+// 32x1024x14x14 (784-byte planes) twice as slow as not streaming it; StagedStores streams such
+// runs where a pass reads its input from cache.
 class RunStores {
  public:
-  RunStores(const void* y, int64_t bytes, bool stream)
-      : stream_(stream && reinterpret_cast<uintptr_t>(y) % kLine == 0 && bytes % kLine == 0) {}
+  RunStores(const void* y, int64_t bytes, bool stream) : stream_(stream && whole_lines(y, bytes)) {}
+
+  static bool whole_lines(const void* y, int64_t bytes) {
+    return reinterpret_cast<uintptr_t>(y) % kLine == 0 && bytes % kLine == 0;
+  }
 
   template <typename Vec, typename T>
   void put(const Vec& v, T* y) const {
@@ -133,6 +138,108 @@ inline void fence_streamed_stores() {
   _mm_sfence();
 #endif
 }
+
+// Where a run's values go, and whether they are streamed there (RunStores).
+template <typename T>
+struct RunDestination {
+  T* values;
+  bool stream;
+};
+
+// Streams an output whose runs are not whole cache lines (NCHW planes of 14x14 float32 are 784
+// bytes): consecutive runs are gathered in an 8 KiB buffer, which stays in L1, and written out a
+// line at a time, with non-temporal stores but for the partial lines at either end of a stretch
+// of consecutive runs, which plain stores share with the neighbouring stretches. Streaming each
+// run's whole lines alone leaves two partial lines per run, each a read from memory that no
+// prefetcher foresees (see RunStores). What is staged is written out by the destructor, so a
+// task's stage must be gone before its fence_streamed_stores().
+template <typename T>
+class StagedStores {
+ public:
+  StagedStores() = default;
+  StagedStores(const StagedStores&) = delete;
+  StagedStores& operator=(const StagedStores&) = delete;
+  ~StagedStores() {
+    drain(/*keep_tail=*/false);
+  }
+
+  // Where the n values of the run at `dst` are to be written: the buffer (plain stores) for a
+  // streamed run that is not whole lines and fits, otherwise `dst` itself.
+  RunDestination<T> place(T* dst, int64_t n, bool stream) {
+    if (!stream || RunStores::whole_lines(dst, n * static_cast<int64_t>(sizeof(T))) || n > kCapacity - kLineValues) {
+      return {dst, stream};
+    }
+    if (pending_ > 0 && dst == base_ + begin_ + pending_) {
+      if (begin_ + pending_ + n > kCapacity) {
+        drain(/*keep_tail=*/true);
+      }
+    } else {
+      drain(/*keep_tail=*/false);
+      begin_ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % kLineBytes / sizeof(T));
+      base_ = dst - begin_;
+    }
+    T* slot = buffer() + begin_ + pending_;
+    pending_ += n;
+    return {slot, false};
+  }
+
+ private:
+  static constexpr int64_t kLineValues = kLineBytes / static_cast<int64_t>(sizeof(T));
+  static constexpr int64_t kCapacity = 8192 / static_cast<int64_t>(sizeof(T));
+
+  T* buffer() {
+    return reinterpret_cast<T*>(storage_);
+  }
+
+  // Writes out the staged values [begin_, begin_ + pending_) of the buffer, whose element i
+  // belongs at base_ + i (base_ is line-aligned): the first line plainly where the stretch
+  // starts inside it, whole lines streamed, and the last partial line plainly, or, with
+  // `keep_tail`, kept at the front of the buffer for the runs that follow.
+  void drain(bool keep_tail) {
+    if (pending_ == 0) {
+      return;
+    }
+    T* values = buffer();
+    const int64_t end = begin_ + pending_;
+    const int64_t whole_end = end / kLineValues * kLineValues;
+    int64_t i = begin_;
+    if (i > 0 && whole_end > 0) {
+      std::copy(values + i, values + kLineValues, base_ + i);
+      i = kLineValues;
+    }
+    for (; i < whole_end; i += kLineValues) {
+      stream_line(values + i, base_ + i);
+    }
+    if (keep_tail) {
+      // i == whole_end, past the first line: place() drains only a buffer fuller than that.
+      std::copy(values + i, values + end, values);
+      base_ += i;
+      begin_ = 0;
+      pending_ = end - i;
+      return;
+    }
+    std::copy(values + i, values + end, base_ + i);
+    pending_ = 0;
+  }
+
+  static void stream_line(const T* src, T* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_load_si512(src));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const auto* from = reinterpret_cast<const __m256i*>(src);
+    auto* to = reinterpret_cast<__m256i*>(dst);
+    _mm256_stream_si256(to, _mm256_load_si256(from));
+    _mm256_stream_si256(to + 1, _mm256_load_si256(from + 1));
+#else
+    std::copy(src, src + kLineValues, dst);
+#endif
+  }
+
+  alignas(kLineBytes) std::byte storage_[kCapacity * sizeof(T)];
+  T* base_ = nullptr;
+  int64_t begin_ = 0;
+  int64_t pending_ = 0;
+};
 
 // Stores two vectors of the accumulation type as 2·V values of T; half and bfloat16 are narrowed
 // in registers (rounded to nearest even, as c10's conversion does).
