@@ -1,8 +1,9 @@
 """Outputs of 16 MiB or more are written with non-temporal stores that bypass the cache
 (RunStores in csrc/cpu/batch_norm_loops.h), run by run where a run is whole, aligned cache lines.
-Other NCHW runs are gathered in a buffer and streamed a line at a time by forward-train and the
-input gradient (StagedStores), and written as for smaller tensors by evaluation. These tests run
-inputs past that size whose runs are streamed, staged, or not, and check that every value lands:
+Other NCHW runs are gathered in a buffer and streamed a line at a time by forward-train and by
+the input gradient, in training or evaluation (StagedStores), and written as for smaller tensors
+by the forward pass in evaluation. These tests run inputs past that size whose runs are
+streamed, staged, or not, and check that every value lands:
 element-wise results equal, bitwise, those of the same layer on slices of the batch (each under
 the threshold, so written through the cache), and training results match float64.
 """
