@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TESTS = ["tests/test_ops.py", "tests/test_fused.py", "tests/test_numerics.py"]
+KERNEL_TESTS = ["tests/test_ops.py", "tests/test_fused.py", "tests/test_numerics.py", "tests/test_streamed_outputs.py"]
 CAPS = ["default", "avx2"]
 
 # NCHW statistics of a fixed bfloat16 input (the dtype every build takes), printed bit for bit.
