@@ -92,7 +92,7 @@ class RunStores {
   RunStores(const void* y, int64_t bytes, bool stream) : stream_(stream && whole_lines(y, bytes)) {}
 
   static bool whole_lines(const void* y, int64_t bytes) {
-    return reinterpret_cast<uintptr_t>(y) % kLine == 0 && bytes % kLine == 0;
+    return reinterpret_cast<uintptr_t>(y) % kLineBytes == 0 && bytes % kLineBytes == 0;
   }
 
   template <typename Vec, typename T>
@@ -108,8 +108,6 @@ class RunStores {
   }
 
  private:
-  static constexpr int64_t kLine = 64;
-
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   template <typename Vec, typename T>
   static void stream(const Vec& v, T* y) {
@@ -222,17 +220,16 @@ class StagedStores {
     pending_ = 0;
   }
 
+  // Moves a line of the buffer to its place in the output through RunStores, as float vectors
+  // whatever T is: the bytes are only moved.
   static void stream_line(const T* src, T* dst) {
-#if defined(CPU_CAPABILITY_AVX512)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_load_si512(src));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const auto* from = reinterpret_cast<const __m256i*>(src);
-    auto* to = reinterpret_cast<__m256i*>(dst);
-    _mm256_stream_si256(to, _mm256_load_si256(from));
-    _mm256_stream_si256(to + 1, _mm256_load_si256(from + 1));
-#else
-    std::copy(src, src + kLineValues, dst);
-#endif
+    using Vec = Vectorized<float>;
+    const RunStores stores(dst, kLineBytes, /*stream=*/true);
+    const auto* from = reinterpret_cast<const float*>(src);
+    auto* to = reinterpret_cast<float*>(dst);
+    for (int64_t i = 0; i < kLineBytes / static_cast<int64_t>(sizeof(float)); i += Vec::size()) {
+      stores.put(Vec::loadu(from + i), to + i);
+    }
   }
 
   alignas(kLineBytes) std::byte storage_[kCapacity * sizeof(T)];
