@@ -36,14 +36,20 @@ constexpr int64_t kChunk = 4096;
 // Bytes of a cache line, the unit a prefetch fetches.
 constexpr int64_t kLineBytes = 64;
 
-// Prefetches the cache lines of `bytes` bytes from `address`. An address, not a pointer: ahead
-// of the last piece of a pass it lies beyond the tensor (a prefetch does not fault). Always
-// inlined, as is every function that calls it for a loop: GCC takes a function whose only
-// effect is prefetching for one without side effects, and deletes a call it does not inline
-// (FetchAhead::step, not inlined into the statistics loops, compiled to nothing so).
+// Prefetches the cache lines of `bytes` bytes from `address` into L2 (prefetcht2). An address,
+// not a pointer: ahead of the last piece of a pass it lies beyond the tensor (a prefetch does
+// not fault). Always inlined, as is every function that calls it for a loop: GCC takes a
+// function whose only effect is prefetching for one without side effects, and deletes a call it
+// does not inline (FetchAhead::step, not inlined into the statistics loops, compiled to nothing
+// so). The lines are wanted a stretch later, not now; fetched into L1 (prefetcht0) they
+// probably held L1's few outstanding-miss slots, which the loop's own loads wait for.
+// Interleaved A/B on the AMD EPYC VM (2 threads), into L2 against into L1: NCHW float32
+// forward-train 1.12-1.3x faster at 56x56 and 28x28, backward 1.2-1.8x at 28x28, channels-last
+// forward-train 1.2-1.4x at 56x56 and 28x28, bfloat16 NCHW backward 1.1-1.26x; 14x14 0.94-1.16x,
+// 7x7 even.
 C10_ALWAYS_INLINE void prefetch_lines(uintptr_t address, int64_t bytes) {
   for (int64_t byte = 0; byte < bytes; byte += kLineBytes) {
-    __builtin_prefetch(reinterpret_cast<const void*>(address + byte));
+    __builtin_prefetch(reinterpret_cast<const void*>(address + byte), /*rw=*/0, /*locality=*/1);
   }
 }
 
