@@ -430,7 +430,8 @@ struct NormalizeWriter {
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Shape& s, const Epilogue& e,
                   StagedStores<scalar_t>* stage = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
-        slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)), stage(stage) {}
+        slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
+        stage(stage) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
@@ -470,7 +471,8 @@ struct GradReader {
   GradReader(const scalar_t* dy, const Shape& s, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
         grad_residual(static_cast<scalar_t*>(p.grad_residual)),
-        gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0), stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
+        gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0),
+        stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
