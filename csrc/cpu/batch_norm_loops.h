@@ -331,12 +331,14 @@ inline acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 // element belongs to one channel (Uniform); in a row of a channels-last tensor element i
 // belongs to channel i (PerChannel). Loops that store take these (and the dy sources below) by
 // value: a callee's own copy cannot be aliased by its stores to float memory, so it stays in a
-// register instead of being reloaded after every store.
+// register instead of being reloaded after every store. from(offset) is the parameter seen from
+// the run's element `offset` on.
 template <typename acc_t>
 struct Uniform {
   acc_t value;
   Vectorized<acc_t> vec(int64_t /*i*/) const { return Vectorized<acc_t>(value); }
   acc_t operator[](int64_t /*i*/) const { return value; }
+  Uniform from(int64_t /*offset*/) const { return *this; }
 };
 
 template <typename acc_t>
@@ -344,6 +346,7 @@ struct PerChannel {
   const acc_t* values;
   Vectorized<acc_t> vec(int64_t i) const { return Vectorized<acc_t>::loadu(values + i); }
   acc_t operator[](int64_t i) const { return values[i]; }
+  PerChannel from(int64_t offset) const { return {values + offset}; }
 };
 
 // Reductions run kUnroll vectors per step; a running total keeps one accumulator per slot, so
@@ -401,7 +404,9 @@ inline int64_t for_each_vector(int64_t n, const F& vector_step) {
 
 // A mean of zero: `centered` leaves x as it is.
 template <typename acc_t>
-struct Zero {};
+struct Zero {
+  Zero from(int64_t /*offset*/) const { return *this; }
+};
 
 // The mean enters as hi + lo (two acc_t values whose sum is the double-precision mean), so
 // (x - hi) - lo keeps the low bits that a float mean would drop: with mean 1e4 and std 1e-2
@@ -481,9 +486,10 @@ struct SquaredDeviation {
   }
 };
 
-// Up to two streams (x, dy) of a run whose lines a reduction fetches `distance` values ahead
-// of those it reads, a loop step at a time; a distance of 0 fetches nothing. Streams are kept
-// as addresses (see prefetch_lines).
+// Up to two streams (x, dy) of a run whose lines a loop fetches `distance` values ahead of those
+// it reads: a reduction a loop step at a time, a write pass a piece at a time (see
+// write_fetching_ahead). A distance of 0 fetches nothing. Streams are kept as addresses (see
+// prefetch_lines).
 struct FetchAhead {
   std::array<uintptr_t, 2> streams{};
   int64_t distance_bytes = 0;
@@ -495,21 +501,48 @@ struct FetchAhead {
             distance * static_cast<int64_t>(sizeof(T)), static_cast<int64_t>(sizeof(T))};
   }
 
-  // Fetches the lines of the loop step (for_each_vector's kUnroll vectors of acc_t) from
-  // value j, `distance` ahead.
-  template <typename acc_t>
-  C10_ALWAYS_INLINE void step(int64_t j) const {
-    if (distance_bytes == 0) {
+  bool active() const {
+    return distance_bytes != 0;
+  }
+
+  // Fetches the lines of values [j, j + n) of the streams, `distance` ahead.
+  C10_ALWAYS_INLINE void fetch(int64_t j, int64_t n) const {
+    if (!active()) {
       return;
     }
-    const int64_t step_bytes = kUnroll * Vectorized<acc_t>::size() * value_bytes;
     for (const uintptr_t stream : streams) {
       if (stream) {
-        prefetch_lines(stream + j * value_bytes + distance_bytes, step_bytes);
+        prefetch_lines(stream + j * value_bytes + distance_bytes, n * value_bytes);
       }
     }
   }
+
+  // Fetches the lines of the loop step (for_each_vector's kUnroll vectors of acc_t) from
+  // value j.
+  template <typename acc_t>
+  C10_ALWAYS_INLINE void step(int64_t j) const {
+    fetch(j, kUnroll * Vectorized<acc_t>::size());
+  }
 };
+
+// Values a write pass writes per fetch of the lines ahead (see write_fetching_ahead).
+constexpr int64_t kFetchPieceValues = 512;
+
+// Calls write(offset, length) on the run [0, n) a piece of at most kFetchPieceValues values at
+// a time, each piece after fetching the lines of `ahead`'s streams that lie `distance` past it,
+// so that the memory reads ahead while the core writes. Without a distance, in one call.
+template <typename F>
+C10_ALWAYS_INLINE void write_fetching_ahead(const FetchAhead& ahead, int64_t n, const F& write) {
+  if (!ahead.active()) {
+    write(int64_t{0}, n);
+    return;
+  }
+  for (int64_t offset = 0; offset < n; offset += kFetchPieceValues) {
+    const int64_t length = std::min(kFetchPieceValues, n - offset);
+    ahead.fetch(offset, length);
+    write(offset, length);
+  }
+}
 
 // Σ term(x, a, b) over a run, the term's k-th sum (see as_sums) added to out[k] at the end. The
 // run's totals start from zero in registers: copying two running totals in and out was a block
