@@ -87,8 +87,8 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
 // the line first, and the output does not evict the input that a second pass, or the next call,
 // is about to read. On the 2-core AMD EPYC VM (1 MiB L2, 32 MiB L3), forward-eval at
 // 32x256x56x56 float32 took 5.0 ms so against 8.1 ms (the input and output are 103 MB each),
-// forward-train 9.7 against 11.4; but at 12.8 MB outputs evaluation was up to 22% slower, x and y
-// fitting in L3 together (interleaved A/B, 2 threads). A run is streamed only when it is whole
+// forward-train 9.7 against 11.4 (interleaved A/B, 2 threads; which outputs stream, see
+// streams_output in kernels_impl.h). A run is streamed only when it is whole
 // cache lines: a line shared with the neighbouring run, written by plain stores, would cost a
 // partial write-combining flush. Streaming every line inside each run made evaluation at
 // 32x1024x14x14 (784-byte planes) twice as slow as not streaming it; StagedStores streams such

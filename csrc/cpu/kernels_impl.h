@@ -52,9 +52,11 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
-// The last-level cache: a pass whose inputs and outputs together outgrow it writes its outputs
-// with non-temporal stores (see RunStores, streams_output).
-constexpr int64_t kCacheBytes = 32 << 20;
+// What a pass may move and still find in the last-level cache: three quarters of the AMD EPYC
+// VM's 32 MiB L3, which its two cores share with the rest of the chip. A pass whose inputs and
+// outputs together reach it writes its outputs with non-temporal stores (see RunStores,
+// streams_output).
+constexpr int64_t kCacheBytes = 24 << 20;
 
 int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -63,12 +65,18 @@ int64_t div_up(int64_t a, int64_t b) {
 // Whether a pass that reads and writes `tensors` tensors of shape `s` (values of `value_bytes`
 // each: x and y, a fused residual, dy and the gradients) writes its outputs past the cache:
 // written through it, they would evict the inputs, and each line would be read before it is
-// written. Below the cache's size what is written stays there for the layer that reads it next:
-// forward-train's 12.8 MB outputs (x and y 25.6 MB) streamed made the operator faster but the
-// training step no faster. Streamed against cached at 12.8 MB float32 (interleaved A/B on the
-// AMD EPYC VM, 2 threads): backward 1.3-1.4x faster at 28x28, 1.1-1.3x at 14x14 and 1.04-1.1x at
-// 7x7 (56x56 even), module forward+backward 1.04-1.2x, the forward with a residual 1.2-1.5x
-// (NCHW 14x14 even); the training step unchanged.
+// written. Below that size what is written stays in the cache for the layer that reads it next.
+// Streamed against cached at 12.8 MB float32 (interleaved A/B on the AMD EPYC VM, 2 threads):
+// backward (x, dy and dx: 38.4 MB) 1.3-1.4x faster at 28x28, 1.1-1.3x at 14x14 and 1.04-1.1x at
+// 7x7 (56x56 even), the forward with a residual 1.2-1.5x (NCHW 14x14 even). The plain forward
+// (x and y: 25.6 MB, under the whole L3 but over the bound) streams since the bound came down
+// from 32 MiB: forward-train 1.3-2.4x faster (NCHW 28x28 and 14x14 the most, 7x7 1.05-1.3x;
+// channels-last 1.2-1.4x), evaluation 1.6-1.8x at NCHW 28x28 and 1.2-1.7x channels-last (NCHW
+// 14x14 and 7x7, whose runs are not whole lines, even), module forward+backward 1.06-1.33x,
+// bfloat16 at 12.8 MB forward-train 1.1-1.5x and evaluation 1.04-1.11x (NCHW 32x64x56x56
+// 0.87x); the training step even (1.10x and 1.11x over torch.nn against 1.12x and 1.11x, 40
+// interleaved steps). At a 16 MiB bound backward at 6.4 MB (19.2 MB moved) streamed too and was
+// 0.88x as fast.
 bool streams_output(const Shape& s, int64_t value_bytes, int64_t tensors) {
   return tensors * s.count() * s.channels * value_bytes >= kCacheBytes;
 }
