@@ -226,9 +226,9 @@ struct PlanarPlan {
   // forward+backward 1.06-1.15x; training step 1.12x -> 1.15x over torch.nn. bfloat16: forward
   // 0.97-1.04x, backward 1.09-1.10x at 28x28 and 14x14 but 0.90-0.94x at 32x64x56x56, module
   // forward+backward 1.07-1.08x (0.92x at 32x64x56x56). The forward with a residual, float32:
-  // 1.05-1.12x, 0.96x at 32x2048x7x7. Where x fits in the cache
-  // (forward-train at 12.8 MB float32 and less, which does not stream) it was 0.84-1.02x, the
-  // statistics reading from the cache anyway.
+  // 1.05-1.12x, 0.96x at 32x2048x7x7. Where x stays in the cache and the pass does not stream,
+  // fetching was 0.84-0.88x at 6.4 MB float32 forward-train and 0.91-1.02x at 12.8 MB (before
+  // such passes streamed, see streams_output), the statistics reading from the cache anyway.
   int64_t next_group_distance(int64_t c0, int64_t c1, bool next, bool streamed) const {
     return next && streamed ? (c1 - c0) * s.inner : 0;
   }
