@@ -529,19 +529,24 @@ struct FetchAhead {
 // and 1024 measured alike.
 constexpr int64_t kFetchPieceValues = 512;
 
-// Calls write(offset, length) on the run [0, n) a piece of at most kFetchPieceValues values at
-// a time, each piece after fetching the lines of `ahead`'s streams that lie `distance` past it,
-// so that the memory reads ahead while the core writes. Without a distance, in one call.
+// Calls write(offset, length) on the run [0, n) a piece of kFetchPieceValues values at a time,
+// each piece after fetching the lines of `ahead`'s streams that lie `distance` past it, so that
+// the memory reads ahead while the core writes. Without a distance, in one call. The last piece
+// takes all that is left (up to twice the others): a piece shorter than a vector would be
+// written by scalar code, whose rounding can differ from the vector lanes', and whether a run is
+// split at all depends on the thread count (see PlanarPlan::next_group_distance). Pieces that
+// are whole vectors write every value as the unsplit run does.
 template <typename F>
 C10_ALWAYS_INLINE void write_fetching_ahead(const FetchAhead& ahead, int64_t n, const F& write) {
   if (!ahead.active()) {
     write(int64_t{0}, n);
     return;
   }
-  for (int64_t offset = 0; offset < n; offset += kFetchPieceValues) {
-    const int64_t length = std::min(kFetchPieceValues, n - offset);
+  for (int64_t offset = 0; offset < n;) {
+    const int64_t length = n - offset < 2 * kFetchPieceValues ? n - offset : kFetchPieceValues;
     ahead.fetch(offset, length);
     write(offset, length);
+    offset += length;
   }
 }
 
