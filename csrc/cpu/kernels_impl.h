@@ -462,22 +462,38 @@ struct NormalizeWriter {
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
-    const auto out = stage ? stage->place(y + first, n, stream) : RunDestination<scalar_t>{y + first, stream};
-    const auto run_with = [&](const auto& act) {
+    with_runs([&](const auto& run) { run(first, n, hi, lo, scale, shift); });
+  }
+
+  // Calls use(run), where run(first, n, hi, lo, scale, shift) writes a run as write() does, the
+  // epilogue's kind chosen once for all the runs use() writes: a caller whose runs are short
+  // planes inlines run into its loop (TORCH_BN_FLATTEN), where a call of write() per run costs
+  // as much as a 7x7 plane's values. Interleaved A/B on the AMD EPYC VM (2 threads), inline
+  // against write() per plane: float32 NCHW evaluation 1.34-1.48x faster at 7x7, 1.04-1.26x at
+  // 14x14, 1.02-1.05x at 28x28 and 56x56.
+  template <typename F>
+  void with_runs(const F& use) {
+    const auto with = [&](const auto& act, auto has_residual) {
+      use([&](int64_t first, int64_t n, const auto& hi, const auto& lo, const auto& scale, const auto& shift) {
+        const auto out = stage ? stage->place(y + first, n, stream) : RunDestination<scalar_t>{y + first, stream};
+        constexpr bool kResidual = decltype(has_residual)::value;
+        normalize_run<acc_t, kResidual>(x + first, out.values, n, hi, lo, scale, shift,
+                                        kResidual ? residual + first : nullptr, act, signs, first, out.stream);
+      });
+    };
+    const auto with_act = [&](const auto& act) {
       if (residual) {
-        normalize_run<acc_t, true>(x + first, out.values, n, hi, lo, scale, shift, residual + first, act, signs, first,
-                                   out.stream);
+        with(act, std::true_type{});
       } else {
-        normalize_run<acc_t, false>(x + first, out.values, n, hi, lo, scale, shift, residual, act, signs, first,
-                                    out.stream);
+        with(act, std::false_type{});
       }
     };
     if (!activation) {
-      run_with(NoActivation{});
+      with_act(NoActivation{});
     } else if (slope == acc_t(0)) {
-      run_with(Relu<acc_t>{});
+      with_act(Relu<acc_t>{});
     } else {
-      run_with(LeakyRelu<acc_t>{slope});
+      with_act(LeakyRelu<acc_t>{slope});
     }
   }
 };
@@ -582,17 +598,19 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
     // The channel is stepped rather than computed (plane % C): a division per short plane costs
     // as much as normalizing it.
-    int64_t c = p0 % s.channels;
-    for (const auto plane : c10::irange(p0, p1)) {
-      const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
-      // A plane is one run: the writer keeps nothing per chunk.
-      if (p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0)) {
-        writer.write(plane * s.inner, s.inner, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale, shift);
-      } else {
-        writer.write(plane * s.inner, s.inner, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
+    writer.with_runs([&](const auto& run) TORCH_BN_FLATTEN {
+      int64_t c = p0 % s.channels;
+      for (const auto plane : c10::irange(p0, p1)) {
+        const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
+        // A plane is one run: the writer keeps nothing per chunk.
+        if (p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0)) {
+          run(plane * s.inner, s.inner, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale, shift);
+        } else {
+          run(plane * s.inner, s.inner, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
+        }
+        c = c + 1 == s.channels ? 0 : c + 1;
       }
-      c = c + 1 == s.channels ? 0 : c + 1;
-    }
+    });
     fence_streamed_stores();
   });
 }
