@@ -13,8 +13,15 @@ from torch import nn
 
 import torch_bn
 
-# The compiled graph may fuse and reorder the elementwise work around the torch_bn ops.
-TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+def assert_matches(actual, expected, what):
+    """Equal up to float32 rounding, which the compiled graph changes by fusing and reordering
+    the work around the torch_bn ops. The absolute part scales with the tensor's largest value:
+    a sum whose terms cancel keeps the rounding error of its terms. (A weight gradient of about
+    23 was 1.9e-5 off in one element on an AVX2-only CPU, eager and compiled alike about 2e-5
+    from float64.)"""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
 
 
 def small_net():
@@ -49,16 +56,16 @@ def test_compiled_net_matches_eager(training, device):
     for step in range(2):
         x = torch.randn(4, 3, 7, 7, device=device) * 2 + 0.5
         y_eager, y_compiled = eager(x), compiled(x)
-        torch.testing.assert_close(y_compiled, y_eager, **TOLERANCE, msg=lambda m: f"step {step} output: {m}")
+        assert_matches(y_compiled, y_eager, f"step {step} output")
         grad_output = torch.randn_like(y_eager)
         y_eager.backward(grad_output)
         y_compiled.backward(grad_output)
         compiled_state = dict(compiled_copy.named_parameters())
         for name, p_eager in eager.named_parameters():
-            torch.testing.assert_close(compiled_state[name].grad, p_eager.grad, **TOLERANCE, msg=lambda m: f"step {step} grad {name}: {m}")
+            assert_matches(compiled_state[name].grad, p_eager.grad, f"step {step} grad {name}")
         compiled_buffers = dict(compiled_copy.named_buffers())
         for name, b_eager in eager.named_buffers():
-            torch.testing.assert_close(compiled_buffers[name], b_eager, **TOLERANCE, msg=lambda m: f"step {step} {name}: {m}")
+            assert_matches(compiled_buffers[name], b_eager, f"step {step} {name}")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -73,9 +80,9 @@ def test_exported_net_matches_eager(training, device):
     program = exported.module()
     for step in range(2):
         x = torch.randn(4, 3, 7, 7, device=device) * 2 + 0.5
-        torch.testing.assert_close(program(x), eager(x), **TOLERANCE, msg=lambda m: f"step {step} output: {m}")
+        assert_matches(program(x), eager(x), f"step {step} output")
     # The exported program updates the running statistics as the module does.
     exported_buffers = dict(program.named_buffers())
     assert exported_buffers.keys() == dict(eager.named_buffers()).keys()
     for name, b_eager in eager.named_buffers():
-        torch.testing.assert_close(exported_buffers[name], b_eager, **TOLERANCE, msg=lambda m: f"{name}: {m}")
+        assert_matches(exported_buffers[name], b_eager, name)
