@@ -98,11 +98,16 @@ bool given(const OptionalTensor& t) {
   return t.has_value() && t->defined();
 }
 
-// An absent optional tensor is not an input of a Function's node (it has no edge), so the
-// indices of needs_input_grad skip it. Forwards record which of their tensor arguments were
-// given; needs_input_grad(ctx) then answers per argument, in argument order.
-void record_given(AutogradContext* ctx, std::vector<bool> tensor_args_given) {
+// What every forward sets on its node.
+// - An absent optional tensor is not an input of a Function's node (it has no edge), so the
+//   indices of needs_input_grad skip it. Forwards record which of their tensor arguments were
+//   given; needs_input_grad(ctx) then answers per argument, in argument order.
+// - Gradients of the outputs nobody differentiated (the statistics, the mask) stay undefined
+//   rather than being materialized as zeros: the backward never reads them, and two zero
+//   tensors cost as much as the rest of a small layer's backward node.
+void set_up_node(AutogradContext* ctx, std::vector<bool> tensor_args_given) {
   ctx->saved_data["given"] = std::move(tensor_args_given);
+  ctx->set_materialize_grads(false);
 }
 
 std::vector<bool> needs_input_grad(AutogradContext* ctx) {
@@ -174,7 +179,7 @@ variable_list batch_norm_gradients(AutogradContext* ctx, const Tensor& grad_outp
   const auto saved = ctx->get_saved_variables();
   const auto needs = needs_input_grad(ctx);
   const std::array<bool, 3> mask{needs[0], needs[1], needs[2]};
-  if (!mask[0] && !mask[1] && !mask[2]) {
+  if (!grad_output.defined() || (!mask[0] && !mask[1] && !mask[2])) {
     return {Tensor(), Tensor(), Tensor()};
   }
   auto [grad_input, grad_weight, grad_bias] =
@@ -207,7 +212,7 @@ variable_list batch_norm_act_gradients(AutogradContext* ctx, const Tensor& grad_
   const auto saved = ctx->get_saved_variables();
   const auto needs = needs_input_grad(ctx);
   const std::array<bool, 4> mask{needs[0], needs[1], needs[2], needs[residual_arg]};
-  if (!mask[0] && !mask[1] && !mask[2] && !mask[3]) {
+  if (!grad_output.defined() || (!mask[0] && !mask[1] && !mask[2] && !mask[3])) {
     return {Tensor(), Tensor(), Tensor(), Tensor()};
   }
   auto [grad_input, grad_weight, grad_bias, grad_residual] = backward_act_kernel(
@@ -223,7 +228,7 @@ class ForwardTrain : public torch::autograd::Function<ForwardTrain> {
                                const OptionalTensor& bias, double eps) {
     auto [output, mean, invstd] = forward_train_kernel(input, weight, bias, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
-    record_given(ctx, {true, given(weight), given(bias)});
+    set_up_node(ctx, {true, given(weight), given(bias)});
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, invstd});
     return {output, mean, invstd};
@@ -244,7 +249,7 @@ class ForwardEval : public torch::autograd::Function<ForwardEval> {
     Tensor output = forward_eval_kernel(input, weight, bias, running_mean, running_var, eps);
     auto [mean, invstd] = eval_statistics(input, running_mean, running_var, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
-    record_given(ctx, {true, given(weight), given(bias), true, true});
+    set_up_node(ctx, {true, given(weight), given(bias), true, true});
     return {output};
   }
 
@@ -316,7 +321,7 @@ class ForwardTrainAct : public torch::autograd::Function<ForwardTrainAct> {
         forward_train_act_kernel(input, weight, bias, residual, eps, activation,
                                  negative_slope);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd, mask});
-    record_given(ctx, {true, given(weight), given(bias), given(residual)});
+    set_up_node(ctx, {true, given(weight), given(bias), given(residual)});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->mark_non_differentiable({mean, invstd, mask});
@@ -340,7 +345,7 @@ class ForwardEvalAct : public torch::autograd::Function<ForwardEvalAct> {
                                                   residual, eps, activation, negative_slope);
     auto [mean, invstd] = eval_statistics(input, running_mean, running_var, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd, mask});
-    record_given(ctx, {true, given(weight), given(bias), true, true, given(residual)});
+    set_up_node(ctx, {true, given(weight), given(bias), true, true, given(residual)});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->mark_non_differentiable({mask});

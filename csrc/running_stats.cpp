@@ -35,6 +35,18 @@ void blend_on_cpu(
   cpu::store_channel_values(running_var, running_vars);
 }
 
+// num_batches_tracked += 1. A CPU int64 counter (torch's) is incremented through its data, as
+// blend_on_cpu writes the statistics, and its version bumped as add_ would: add_'s dispatch costs
+// more than the rest of a small layer's update.
+void count_batch(const at::Tensor& num_batches_tracked) {
+  if (num_batches_tracked.is_cpu() && num_batches_tracked.scalar_type() == at::kLong) {
+    *num_batches_tracked.mutable_data_ptr<int64_t>() += 1;
+    num_batches_tracked.unsafeGetTensorImpl()->bump_version();
+  } else {
+    num_batches_tracked.add_(1);
+  }
+}
+
 } // namespace
 
 void update_running_stats(
@@ -69,7 +81,7 @@ void update_running_stats(
       "torch_bn: momentum=None (a cumulative average) needs num_batches_tracked");
 
   if (tracked) {
-    num_batches_tracked->add_(1);
+    count_batch(*num_batches_tracked);
   }
   // An empty batch counts as a batch (as in torch) but carries no statistics.
   if (count == 0) {
