@@ -10,12 +10,32 @@ import torch
 
 
 def cpu_model() -> str:
+    """The CPU's name, and what tells apart two CPUs that a VM names alike (an AMD EPYC Zen 3 and
+    Zen 4 are both "AMD EPYC"): family and model, the vector ISA torch's kernels use, and the L2
+    and L3 sizes, e.g. "AMD EPYC (family 25 model 1, AVX2, L2 512K, L3 32768K)"."""
+    fields = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    details.append(torch.backends.cpu.get_cpu_capability())
+    details += [f"L{level} {size}" for level, size in data_cache_sizes() if level >= 2]
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(details)})"
+
+
+def data_cache_sizes() -> list:
+    """(level, size) of the first CPU's data and unified caches, as Linux reports them."""
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "type").read_text().strip() != "Instruction":
+                caches.append((int((index / "level").read_text()), (index / "size").read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return sorted(caches)
 
 
 def git_commit() -> str:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # benchmarks/ is a package of the checkout, not of the install; the root goes last on sys.path so
@@ -100,6 +101,8 @@ def test_bench_script_writes_a_complete_result(tmp_path):
     assert results["train_step"]["losses_agree"]
     assert {entry["status"] for entry in results["checklist"]} <= {"PASS", "FAIL", "n/a"}
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["torch"]
+    # The CPU named closely enough to tell two VMs of one model name apart.
+    assert torch.backends.cpu.get_cpu_capability() in results["machine"]["cpu"]
     with (out / "bench.csv").open() as file:
         assert len(list(csv.DictReader(file))) == len(results["rows"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
