@@ -177,3 +177,26 @@ def test_half_module_matches_torch_nn(dtype, device):
     ref.to(dtype)
     run_steps(ours, ref, lambda: make_input((3, 5, 4, 4), dtype, device), dtype, steps=2)
     assert ours.weight.dtype == dtype and ours.running_mean.dtype == dtype
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_buffer_versions_move_as_torch_nn(training, device):
+    # Version counters are how autograd tells that a saved tensor changed in place, so they
+    # move as torch.nn's: num_batches_tracked's once per training call (torch_bn increments it
+    # through its data on the CPU, not with add_), the running statistics' not at all.
+    ours, ref = make_pair(2, 3, device, torch.float32)
+    ours.train(training)
+    ref.train(training)
+    names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def versions(module):
+        return [getattr(module, name)._version for name in names]
+
+    before = versions(ours), versions(ref)
+    for _ in range(2):
+        x = make_input((4, 3, 5, 5), torch.float32, device).requires_grad_()
+        ours(x).sum().backward()
+        ref(x).sum().backward()
+    moved = [[now - then for now, then in zip(versions(module), old)] for module, old in zip((ours, ref), before)]
+    assert moved[0] == moved[1]
+    assert moved[0][2] == (2 if training else 0)
