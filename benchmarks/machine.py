@@ -29,7 +29,7 @@ def cpu_model() -> str:
 def data_cache_sizes() -> list:
     """(level, size) of the first CPU's data and unified caches, as Linux reports them."""
     caches = []
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             if (index / "type").read_text().strip() != "Instruction":
                 caches.append((int((index / "level").read_text()), (index / "size").read_text().strip()))
