@@ -52,6 +52,11 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
+// NCHW planes of evaluation shorter than this many bytes are written through the cache even
+// where the output streams: streamed (SharedLineStores), evaluation at 32x2048x7x7 float32
+// (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14 (784 bytes)
+// 1.15-1.3x faster (interleaved old/new processes on the AMD EPYC VM, 2 threads).
+constexpr int64_t kMinSharedLinePlane = 512;
 // What a pass may move and still find in the last-level cache: three quarters of the AMD EPYC
 // VM's 32 MiB L3, which its two cores share with the rest of the chip. A pass whose inputs and
 // outputs together reach it writes its outputs with non-temporal stores (see RunStores,
@@ -450,15 +455,15 @@ struct NormalizeWriter {
   SignBitWriter signs;
   acc_t slope;
   bool stream;
-  // Where runs that are not whole lines are staged to be streamed, or null: see
-  // forward_train_planar.
-  StagedStores<scalar_t>* stage;
+  // What streams runs that are not whole lines, or null, where such runs are written through
+  // the cache.
+  SharedLineStores<scalar_t>* lines;
 
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Shape& s, const Epilogue& e,
-                  StagedStores<scalar_t>* stage = nullptr)
+                  SharedLineStores<scalar_t>* lines = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
         slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
-        stage(stage) {}
+        lines(lines) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
@@ -475,10 +480,18 @@ struct NormalizeWriter {
   void with_runs(const F& use) {
     const auto with = [&](const auto& act, auto has_residual) {
       use([&](int64_t first, int64_t n, const auto& hi, const auto& lo, const auto& scale, const auto& shift) {
-        const auto out = stage ? stage->place(y + first, n, stream) : RunDestination<scalar_t>{y + first, stream};
         constexpr bool kResidual = decltype(has_residual)::value;
-        normalize_run<acc_t, kResidual>(x + first, out.values, n, hi, lo, scale, shift,
-                                        kResidual ? residual + first : nullptr, act, signs, first, out.stream);
+        if (lines && stream) {
+          lines->split(y + first, n, [&](int64_t offset, scalar_t* dst, int64_t len, bool streamed) {
+            const int64_t at = first + offset;
+            normalize_run<acc_t, kResidual>(x + at, dst, len, hi.from(offset), lo.from(offset), scale.from(offset),
+                                            shift.from(offset), kResidual ? residual + at : nullptr, act, signs, at,
+                                            streamed);
+          });
+        } else {
+          normalize_run<acc_t, kResidual>(x + first, y + first, n, hi, lo, scale, shift,
+                                          kResidual ? residual + first : nullptr, act, signs, first, stream);
+        }
       });
     };
     const auto with_act = [&](const auto& act) {
@@ -559,6 +572,31 @@ void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const Ch
       });
 }
 
+// Writes the NCHW planes [p0, p1) of a task, plane by plane; `share_lines` streams planes that
+// are not whole lines (SharedLineStores) where the output streams.
+template <typename scalar_t>
+void normalize_planes(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
+                      const Epilogue& epilogue, int64_t p0, int64_t p1, bool share_lines) {
+  using acc_t = at::opmath_type<scalar_t>;
+  SharedLineStores<scalar_t> lines;
+  NormalizeWriter<scalar_t> writer(x, y, s, epilogue, share_lines ? &lines : nullptr);
+  // The channel is stepped rather than computed (plane % C): a division per short plane costs
+  // as much as normalizing it.
+  writer.with_runs([&](const auto& run) TORCH_BN_FLATTEN {
+    int64_t c = p0 % s.channels;
+    for (const auto plane : c10::irange(p0, p1)) {
+      const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
+      // A plane is one run: the writer keeps nothing per chunk.
+      if (p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0)) {
+        run(plane * s.inner, s.inner, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale, shift);
+      } else {
+        run(plane * s.inner, s.inner, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
+      }
+      c = c + 1 == s.channels ? 0 : c + 1;
+    }
+  });
+}
+
 template <typename scalar_t>
 void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
                     const Epilogue& epilogue, bool recent_first = false) {
@@ -594,23 +632,10 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
+  // Planes shorter than kMinSharedLinePlane write through the cache.
+  const bool share_lines = s.inner * static_cast<int64_t>(sizeof(scalar_t)) >= kMinSharedLinePlane;
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
-    NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
-    // The channel is stepped rather than computed (plane % C): a division per short plane costs
-    // as much as normalizing it.
-    writer.with_runs([&](const auto& run) TORCH_BN_FLATTEN {
-      int64_t c = p0 % s.channels;
-      for (const auto plane : c10::irange(p0, p1)) {
-        const Uniform<acc_t> scale{p.scale[c]}, shift{p.shift[c]};
-        // A plane is one run: the writer keeps nothing per chunk.
-        if (p.mean.hi[c] != acc_t(0) || p.mean.lo[c] != acc_t(0)) {
-          run(plane * s.inner, s.inner, Uniform<acc_t>{p.mean.hi[c]}, Uniform<acc_t>{p.mean.lo[c]}, scale, shift);
-        } else {
-          run(plane * s.inner, s.inner, Zero<acc_t>{}, Zero<acc_t>{}, scale, shift);
-        }
-        c = c + 1 == s.channels ? 0 : c + 1;
-      }
-    });
+    normalize_planes(x, y, s, p, epilogue, p0, p1, share_lines);
     fence_streamed_stores();
   });
 }
@@ -768,14 +793,11 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // forward-train at 32x512x7x7 and 32x2048x7x7 was 1.13-1.33x faster so in float32 and
     // 1.07-1.19x in bfloat16 (interleaved A/B, 2 threads); plane by plane it is a subtraction less.
     const ChannelAffine<acc_t> affine(channels, /*group_rows=*/1, mean_out + c0, scale.data(), bias ? bias + c0 : nullptr);
-    // Runs that are not whole lines (14x14 float32 planes) of a streamed output are staged: the
-    // group was just read, so its pass reads from cache and the memory only takes what is
-    // written. Forward-train at 32x1024x14x14 float32 was 1.39x faster so, backward (the same
-    // for dx) 1.09x; evaluation, whose input comes from memory, was 0.8-0.9x as fast, the
-    // write-outs taking turns with the reads instead of overlapping them (interleaved A/B on
-    // the AMD EPYC VM, 2 threads), so that its runs are not staged.
-    StagedStores<scalar_t> stage;
-    NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
+    // Runs that are not whole lines (14x14 float32 planes) of a streamed output are streamed
+    // through SharedLineStores, whatever their length: forward-train at 32x1024x14x14 float32
+    // was 1.39x faster streamed so than through the cache, backward (the same for dx) 1.09x.
+    SharedLineStores<scalar_t> lines;
+    NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &lines);
     write_planar_group(plan, c0, c1, affine, 0, writer, plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
@@ -964,24 +986,32 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     const bool centered = fold_grad_coefficients(c0, c1, training, mean, invstd, weight, sum_dy, sum_dy_xmu, n,
                                                  hi.data(), lo.data(), k1.data(), k2.data(), k3.data());
     // As in forward_train_planar.
-    StagedStores<scalar_t> stage;
+    SharedLineStores<scalar_t> lines;
     const int64_t fetch_distance = plan.next_group_distance(c0, c1, next, grad.stream);
     plan.for_each_group_write_centered<acc_t>(
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
           write_fetching_ahead(
               FetchAhead::of(x + run, dy + run, fetch_distance), run_length, [&](int64_t offset, int64_t len) {
-                const int64_t first = run + offset;
-                const auto out = stage.place(dx + first, len, grad.stream);
-                grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
-                  if (training) {
-                    grad_input<acc_t>(dz, x + first, out.values, len, out.stream, hi_of.from(offset),
-                                      lo_of.from(offset), view(0).from(offset), view(1).from(offset),
-                                      view(2).from(offset));
-                  } else {
-                    scale_by<acc_t>(dz, out.values, len, out.stream, view(0).from(offset));
-                  }
-                });
+                // Writes the run's values [at, at + length) to dst.
+                const auto piece = [&](int64_t at, scalar_t* dst, int64_t length, bool stream) {
+                  const int64_t first = run + at;
+                  grad.read(first, length, /*store_residual_grad=*/false, [&](const auto& dz) {
+                    if (training) {
+                      grad_input<acc_t>(dz, x + first, dst, length, stream, hi_of.from(at), lo_of.from(at),
+                                        view(0).from(at), view(1).from(at), view(2).from(at));
+                    } else {
+                      scale_by<acc_t>(dz, dst, length, stream, view(0).from(at));
+                    }
+                  });
+                };
+                if (grad.stream) {
+                  lines.split(dx + run + offset, len, [&](int64_t at, scalar_t* dst, int64_t length, bool stream) {
+                    piece(offset + at, dst, length, stream);
+                  });
+                } else {
+                  piece(offset, dx + run + offset, len, false);
+                }
               });
         });
   });
