@@ -54,8 +54,9 @@ constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
 // NCHW planes of evaluation shorter than this many bytes are written through the cache even
 // where the output streams: streamed (SharedLineStores), evaluation at 32x2048x7x7 float32
-// (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14 (784 bytes)
-// 1.15-1.3x faster (interleaved old/new processes on the AMD EPYC VM, 2 threads).
+// (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14 bfloat16 (392
+// bytes) 0.7x, at 32x1024x14x14 float32 (784 bytes) 1.15-1.3x faster (interleaved old/new
+// processes on the AMD EPYC VM, 2 threads).
 constexpr int64_t kMinSharedLinePlane = 512;
 // What a pass may move and still find in the last-level cache: three quarters of the AMD EPYC
 // VM's 32 MiB L3, which its two cores share with the rest of the chip. A pass whose inputs and
