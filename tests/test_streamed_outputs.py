@@ -1,10 +1,11 @@
 """A pass whose inputs and outputs together reach 24 MiB writes its outputs with non-temporal
 stores that bypass the cache (streams_output and RunStores in csrc/cpu), run by run where a run is
-whole, aligned cache lines. Other NCHW runs stream their whole lines, the lines they share with
-their neighbours gathered and streamed once complete (SharedLineStores), in forward-train, the
-input gradient, and the forward pass in evaluation where planes are at least 512 bytes; shorter
-planes in evaluation are written as for smaller tensors. These tests run inputs past those sizes
-whose runs are streamed, gathered, or not, and check that every value lands: element-wise results
+whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
+by forward-train and by the input gradient, in training or evaluation (StagedStores); the forward
+pass in evaluation streams their whole lines and gathers only the lines they share with their
+neighbours (SharedLineStores) where planes are at least 512 bytes, and writes shorter planes as
+for smaller tensors. These tests run inputs past those sizes whose runs are streamed, staged,
+gathered, or not, and check that every value lands: element-wise results
 equal, bitwise, those of the same layer on slices of the batch (each under every threshold, so
 written through the cache), and training results match float64.
 """

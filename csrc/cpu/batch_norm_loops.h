@@ -92,8 +92,8 @@ inline acc_t* output_chunk(scalar_t* dst, acc_t* buffer) {
 // streams_output in kernels_impl.h). A run is streamed only when it is whole cache lines: a line
 // shared with the neighbouring run, written by plain stores, would cost a partial
 // write-combining flush. Streaming every line inside each run made evaluation at
-// 32x1024x14x14 (784-byte planes) twice as slow as not streaming it; SharedLineStores streams
-// such runs.
+// 32x1024x14x14 (784-byte planes) twice as slow as not streaming it; StagedStores streams such
+// runs where a pass reads its input from cache, SharedLineStores where it reads from memory.
 class RunStores {
  public:
   RunStores(const void* y, int64_t bytes, bool stream) : stream_(stream && whole_lines(y, bytes)) {}
@@ -144,18 +144,119 @@ inline void fence_streamed_stores() {
 #endif
 }
 
+// Where a run's values go, and whether they are streamed there (RunStores).
+template <typename T>
+struct RunDestination {
+  T* values;
+  bool stream;
+};
+
+// Moves a line from a buffer to its place `dst` in the output through RunStores, as float
+// vectors whatever T is: the bytes are only moved.
+template <typename T>
+inline void stream_line(const T* src, T* dst) {
+  using Vec = Vectorized<float>;
+  const RunStores stores(dst, kLineBytes, /*stream=*/true);
+  const auto* from = reinterpret_cast<const float*>(src);
+  auto* to = reinterpret_cast<float*>(dst);
+  for (int64_t i = 0; i < kLineBytes / static_cast<int64_t>(sizeof(float)); i += Vec::size()) {
+    stores.put(Vec::loadu(from + i), to + i);
+  }
+}
+
 // Streams an output whose runs are not whole cache lines (NCHW planes of 14x14 float32 are 784
-// bytes): a run's whole lines are streamed straight from registers, and a line it shares with
-// its neighbours is gathered in a line of L1 and streamed once the runs after it have filled it
-// (written plainly where the task's first or last run leaves part of it to another task).
-// Streaming each run's whole lines alone leaves two partial lines per run, each a read from
-// memory that no prefetcher foresees (see RunStores). Gathering whole runs in an 8 KiB buffer
-// instead, streamed out when full, made evaluation at 32x1024x14x14 float32 0.8-0.9x as fast as
-// not streaming, its bursts of stores taking turns with the reads of x; against that buffer,
-// with the shared lines alone gathered, forward-train there was 1.05-1.1x faster, backward
-// even (0.95-1.05x), both 1.0-1.15x at 32x2048x7x7 (interleaved old/new processes on the AMD
-// EPYC VM, 2 threads). The last line is written out by the destructor, so a task's
-// SharedLineStores must be gone before its fence_streamed_stores().
+// bytes): consecutive runs are gathered in an 8 KiB buffer, which stays in L1, and written out a
+// line at a time, with non-temporal stores but for the partial lines at either end of a stretch
+// of consecutive runs, which plain stores share with the neighbouring stretches. Streaming each
+// run's whole lines alone leaves two partial lines per run, each a read from memory that no
+// prefetcher foresees (see RunStores). What is staged is written out by the destructor, so a
+// task's stage must be gone before its fence_streamed_stores().
+template <typename T>
+class StagedStores {
+ public:
+  StagedStores() = default;
+  StagedStores(const StagedStores&) = delete;
+  StagedStores& operator=(const StagedStores&) = delete;
+  ~StagedStores() {
+    drain(/*keep_tail=*/false);
+  }
+
+  // Where the n values of the run at `dst` are to be written: the buffer (plain stores) for a
+  // streamed run that is not whole lines and fits, otherwise `dst` itself.
+  RunDestination<T> place(T* dst, int64_t n, bool stream) {
+    if (!stream || RunStores::whole_lines(dst, n * static_cast<int64_t>(sizeof(T))) || n > kCapacity - kLineValues) {
+      return {dst, stream};
+    }
+    if (pending_ > 0 && dst == base_ + begin_ + pending_) {
+      if (begin_ + pending_ + n > kCapacity) {
+        drain(/*keep_tail=*/true);
+      }
+    } else {
+      drain(/*keep_tail=*/false);
+      begin_ = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % kLineBytes / sizeof(T));
+      base_ = dst - begin_;
+    }
+    T* slot = buffer() + begin_ + pending_;
+    pending_ += n;
+    return {slot, false};
+  }
+
+ private:
+  static constexpr int64_t kLineValues = kLineBytes / static_cast<int64_t>(sizeof(T));
+  static constexpr int64_t kCapacity = 8192 / static_cast<int64_t>(sizeof(T));
+
+  T* buffer() {
+    return reinterpret_cast<T*>(storage_);
+  }
+
+  // Writes out the staged values [begin_, begin_ + pending_) of the buffer, whose element i
+  // belongs at base_ + i (base_ is line-aligned): the first line plainly where the stretch
+  // starts inside it, whole lines streamed, and the last partial line plainly, or, with
+  // `keep_tail`, kept at the front of the buffer for the runs that follow.
+  void drain(bool keep_tail) {
+    if (pending_ == 0) {
+      return;
+    }
+    T* values = buffer();
+    const int64_t end = begin_ + pending_;
+    const int64_t whole_end = end / kLineValues * kLineValues;
+    int64_t i = begin_;
+    if (i > 0 && whole_end > 0) {
+      std::copy(values + i, values + kLineValues, base_ + i);
+      i = kLineValues;
+    }
+    for (; i < whole_end; i += kLineValues) {
+      stream_line(values + i, base_ + i);
+    }
+    if (keep_tail) {
+      // i == whole_end, past the first line: place() drains only a buffer fuller than that.
+      std::copy(values + i, values + end, values);
+      base_ += i;
+      begin_ = 0;
+      pending_ = end - i;
+      return;
+    }
+    std::copy(values + i, values + end, base_ + i);
+    pending_ = 0;
+  }
+
+  alignas(kLineBytes) std::byte storage_[kCapacity * sizeof(T)];
+  T* base_ = nullptr;
+  int64_t begin_ = 0;
+  int64_t pending_ = 0;
+};
+
+// Streams an output whose runs are not whole cache lines where the pass reads its input from
+// memory (evaluation): a run's whole lines are streamed straight from registers, and a line it
+// shares with its neighbours is gathered in a line of L1 and streamed once the runs after it
+// have filled it (written plainly where the task's first or last run leaves part of it to
+// another task). StagedStores' bursts of stores took turns with evaluation's reads of x. Where
+// a pass reads x from cache, forward-train and backward, StagedStores is the faster: against
+// it, SharedLineStores was 1.05-1.1x as fast at 32x1024x14x14 float32 (784-byte planes) but
+// 0.7-0.75x in bfloat16 (392 bytes), where a plane's pieces cost as much as its values
+// (interleaved old/new processes on the AMD EPYC VM, 2 threads). The last line is written out
+// by the destructor, so a task's SharedLineStores must be gone before its
+// fence_streamed_stores().
 template <typename T>
 class SharedLineStores {
  public:
@@ -237,18 +338,6 @@ class SharedLineStores {
       std::copy(buffer() + begin_, buffer() + end_, line_ + begin_);
     }
     line_ = nullptr;
-  }
-
-  // Moves a line of the buffer to its place in the output through RunStores, as float vectors
-  // whatever T is: the bytes are only moved.
-  static void stream_line(const T* src, T* dst) {
-    using Vec = Vectorized<float>;
-    const RunStores stores(dst, kLineBytes, /*stream=*/true);
-    const auto* from = reinterpret_cast<const float*>(src);
-    auto* to = reinterpret_cast<float*>(dst);
-    for (int64_t i = 0; i < kLineBytes / static_cast<int64_t>(sizeof(float)); i += Vec::size()) {
-      stores.put(Vec::loadu(from + i), to + i);
-    }
   }
 
   alignas(kLineBytes) std::byte storage_[kLineBytes];

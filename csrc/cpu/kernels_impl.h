@@ -456,15 +456,16 @@ struct NormalizeWriter {
   SignBitWriter signs;
   acc_t slope;
   bool stream;
-  // What streams runs that are not whole lines, or null, where such runs are written through
-  // the cache.
+  // What streams runs that are not whole lines (one or neither), where they are not written
+  // through the cache: see forward_train_planar and normalize_impl.
+  StagedStores<scalar_t>* stage;
   SharedLineStores<scalar_t>* lines;
 
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Shape& s, const Epilogue& e,
-                  SharedLineStores<scalar_t>* lines = nullptr)
+                  StagedStores<scalar_t>* stage = nullptr, SharedLineStores<scalar_t>* lines = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
         slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
-        lines(lines) {}
+        stage(stage), lines(lines) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
@@ -490,8 +491,9 @@ struct NormalizeWriter {
                                             streamed);
           });
         } else {
-          normalize_run<acc_t, kResidual>(x + first, y + first, n, hi, lo, scale, shift,
-                                          kResidual ? residual + first : nullptr, act, signs, first, stream);
+          const auto out = stage ? stage->place(y + first, n, stream) : RunDestination<scalar_t>{y + first, stream};
+          normalize_run<acc_t, kResidual>(x + first, out.values, n, hi, lo, scale, shift,
+                                          kResidual ? residual + first : nullptr, act, signs, first, out.stream);
         }
       });
     };
@@ -580,7 +582,7 @@ void normalize_planes(const scalar_t* x, scalar_t* y, const Shape& s, const Chan
                       const Epilogue& epilogue, int64_t p0, int64_t p1, bool share_lines) {
   using acc_t = at::opmath_type<scalar_t>;
   SharedLineStores<scalar_t> lines;
-  NormalizeWriter<scalar_t> writer(x, y, s, epilogue, share_lines ? &lines : nullptr);
+  NormalizeWriter<scalar_t> writer(x, y, s, epilogue, nullptr, share_lines ? &lines : nullptr);
   // The channel is stepped rather than computed (plane % C): a division per short plane costs
   // as much as normalizing it.
   writer.with_runs([&](const auto& run) TORCH_BN_FLATTEN {
@@ -794,11 +796,14 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // forward-train at 32x512x7x7 and 32x2048x7x7 was 1.13-1.33x faster so in float32 and
     // 1.07-1.19x in bfloat16 (interleaved A/B, 2 threads); plane by plane it is a subtraction less.
     const ChannelAffine<acc_t> affine(channels, /*group_rows=*/1, mean_out + c0, scale.data(), bias ? bias + c0 : nullptr);
-    // Runs that are not whole lines (14x14 float32 planes) of a streamed output are streamed
-    // through SharedLineStores, whatever their length: forward-train at 32x1024x14x14 float32
-    // was 1.39x faster streamed so than through the cache, backward (the same for dx) 1.09x.
-    SharedLineStores<scalar_t> lines;
-    NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &lines);
+    // Runs that are not whole lines (14x14 float32 planes) of a streamed output are staged: the
+    // group was just read, so its pass reads from cache and the memory only takes what is
+    // written. Forward-train at 32x1024x14x14 float32 was 1.39x faster so, backward (the same
+    // for dx) 1.09x; evaluation, whose input comes from memory, was 0.8-0.9x as fast, the
+    // write-outs taking turns with the reads instead of overlapping them (interleaved A/B on
+    // the AMD EPYC VM, 2 threads), so that its runs are not staged (see SharedLineStores).
+    StagedStores<scalar_t> stage;
+    NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
     write_planar_group(plan, c0, c1, affine, 0, writer, plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
@@ -987,32 +992,24 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     const bool centered = fold_grad_coefficients(c0, c1, training, mean, invstd, weight, sum_dy, sum_dy_xmu, n,
                                                  hi.data(), lo.data(), k1.data(), k2.data(), k3.data());
     // As in forward_train_planar.
-    SharedLineStores<scalar_t> lines;
+    StagedStores<scalar_t> stage;
     const int64_t fetch_distance = plan.next_group_distance(c0, c1, next, grad.stream);
     plan.for_each_group_write_centered<acc_t>(
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
           write_fetching_ahead(
               FetchAhead::of(x + run, dy + run, fetch_distance), run_length, [&](int64_t offset, int64_t len) {
-                // Writes the run's values [at, at + length) to dst.
-                const auto piece = [&](int64_t at, scalar_t* dst, int64_t length, bool stream) {
-                  const int64_t first = run + at;
-                  grad.read(first, length, /*store_residual_grad=*/false, [&](const auto& dz) {
-                    if (training) {
-                      grad_input<acc_t>(dz, x + first, dst, length, stream, hi_of.from(at), lo_of.from(at),
-                                        view(0).from(at), view(1).from(at), view(2).from(at));
-                    } else {
-                      scale_by<acc_t>(dz, dst, length, stream, view(0).from(at));
-                    }
-                  });
-                };
-                if (grad.stream) {
-                  lines.split(dx + run + offset, len, [&](int64_t at, scalar_t* dst, int64_t length, bool stream) {
-                    piece(offset + at, dst, length, stream);
-                  });
-                } else {
-                  piece(offset, dx + run + offset, len, false);
-                }
+                const int64_t first = run + offset;
+                const auto out = stage.place(dx + first, len, grad.stream);
+                grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
+                  if (training) {
+                    grad_input<acc_t>(dz, x + first, out.values, len, out.stream, hi_of.from(offset),
+                                      lo_of.from(offset), view(0).from(offset), view(1).from(offset),
+                                      view(2).from(offset));
+                  } else {
+                    scale_by<acc_t>(dz, out.values, len, out.stream, view(0).from(offset));
+                  }
+                });
               });
         });
   });
