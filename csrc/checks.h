@@ -17,12 +17,13 @@ inline void check_input(const at::Tensor& input) {
 }
 
 // A per-channel tensor (weight, bias, running or saved statistics) must hold one value per
-// channel and live on the input's device.
-inline void check_per_channel(int64_t channels, at::Device device, const at::Tensor& t, const char* name) {
+// channel and live on the input's device. Sizes are read as SymInts, so that the check also runs
+// on the symbolic shapes of a composite op being traced (forward_train_update).
+inline void check_per_channel(const c10::SymInt& channels, at::Device device, const at::Tensor& t, const char* name) {
   TORCH_CHECK(
-      t.dim() == 1 && t.numel() == channels,
+      t.dim() == 1 && t.sym_numel() == channels,
       "torch_bn: ", name, " should contain ", channels, " elements (one per channel), got shape ",
-      t.sizes());
+      t.sym_sizes());
   TORCH_CHECK(t.device() == device, "torch_bn: ", name, " is on ", t.device(), " but expected ", device);
   TORCH_CHECK(
       at::isFloatingType(t.scalar_type()),
@@ -30,7 +31,7 @@ inline void check_per_channel(int64_t channels, at::Device device, const at::Ten
 }
 
 inline void check_per_channel(const at::Tensor& input, const at::Tensor& t, const char* name) {
-  check_per_channel(input.size(1), input.device(), t, name);
+  check_per_channel(input.sym_size(1), input.device(), t, name);
 }
 
 inline void check_per_channel(

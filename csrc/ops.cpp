@@ -53,6 +53,12 @@ TORCH_LIBRARY(torch_bn, m) {
       "backward_act(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd,"
       " Tensor mask, bool training, str activation, float negative_slope, bool[4] output_mask)"
       " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // forward_train, then update_running_stats of its statistics over the input's values per
+  // channel: a module's training forward as one call. The running tensors are checked first.
+  m.def(
+      "forward_train_update(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) running_mean,"
+      " Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps,"
+      " bool unbiased) -> (Tensor output, Tensor mean, Tensor invstd)");
   // running = (1 - f) * running + f * batch, with f = momentum, or 1/num_batches_tracked
   // (after its increment) when momentum is None. `count` is the number of values per channel
   // that produced mean/invstd; count == 0 (an empty batch) only bumps num_batches_tracked.

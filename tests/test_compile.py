@@ -75,7 +75,7 @@ def test_exported_net_matches_eager(training, device):
     x = torch.randn(4, 3, 7, 7, device=device) * 2 + 0.5
     exported = torch.export.export(exported_copy, (x,))
     ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
-    assert ("torch_bn.forward_train.default" if training else "torch_bn.forward_eval.default") in ops, ops
+    assert ("torch_bn.forward_train_update.default" if training else "torch_bn.forward_eval.default") in ops, ops
     assert not [op for op in ops if "batch_norm" in op], ops
     program = exported.module()
     for step in range(2):

@@ -158,6 +158,35 @@ def test_update_running_stats(dtype, count, unbiased, momentum, requires_grad, d
     )
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("momentum, tracked", [(0.1, True), (None, True), (0.1, False)], ids=["m0.1", "mNone", "untracked"])
+@pytest.mark.parametrize("shape, dtype, channels_last", SAMPLES, ids=SAMPLE_IDS)
+def test_forward_train_update(shape, dtype, channels_last, momentum, tracked, requires_grad, device):
+    channels = shape[1]
+    x = sample_input(shape, dtype, channels_last, device, requires_grad)
+    weight = per_channel(channels, dtype, device, requires_grad)
+    bias = per_channel(channels, dtype, device, requires_grad, -1.0, 1.0)
+    running_mean = per_channel(channels, dtype, device, low=-1.0, high=1.0)
+    running_var = per_channel(channels, dtype, device)
+    num_batches_tracked = torch.tensor(3, device=device) if tracked else None
+    args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, 1e-5, True)
+    opcheck(torch.ops.torch_bn.forward_train_update.default, args)
+
+
+def test_forward_train_update_is_forward_train_then_update(device):
+    """The composite gives bitwise what its two ops give when called one after the other."""
+    x = sample_input((6, 4, 3, 5), torch.float32, True, device, requires_grad=False)
+    weight, bias = per_channel(4, torch.float32, device), per_channel(4, torch.float32, device, low=-1.0, high=1.0)
+    fused = [per_channel(4, torch.float32, device, low=-1.0, high=1.0), per_channel(4, torch.float32, device), torch.tensor(3, device=device)]
+    separate = [t.clone() for t in fused]
+    output, mean, invstd = torch.ops.torch_bn.forward_train_update.default(x, weight, bias, *fused, None, 1e-5, False)
+    expected = torch.ops.torch_bn.forward_train.default(x, weight, bias, 1e-5)
+    torch.ops.torch_bn.update_running_stats.default(*separate, expected[1], expected[2], None, 1e-5, 6 * 3 * 5, False)
+    for actual, wanted in zip([output, mean, invstd] + fused, list(expected) + separate):
+        assert torch.equal(actual, wanted)
+    assert fused[2].item() == 4
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cls, shape", [(torch_bn.BatchNorm1d, (8, 4)), (torch_bn.BatchNorm2d, (4, 4, 5, 5)), (torch_bn.BatchNorm3d, (2, 4, 3, 3, 3))], ids=lambda v: getattr(v, "__name__", str(v)))
 def test_profile_runs_torch_bn_ops_only(cls, shape, training, device):

@@ -111,16 +111,23 @@ def normalize(
     """
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("torch_bn: running_mean and running_var are required when training=False")
+    updates = training and running_mean is not None and running_var is not None
+    if updates and momentum is None and num_batches_tracked is None:
+        momentum = 0.0  # torch's factor when there is nothing to average over
+    if updates and function is batch_norm_function:
+        # The checks, the forward and the update in one op: as separate calls from here their
+        # dispatch cost as much as a small layer's statistics.
+        return ops.forward_train_update(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, unbiased_running_var
+        )[0]
     if training:
         # The forward op never sees the running statistics in training: check them before it
         # runs, so that a bad buffer is reported as such and nothing is computed or changed.
         ops.check_per_channel(input, running_mean, "running_mean")
         ops.check_per_channel(input, running_var, "running_var")
     output, mean, invstd = function(input, weight, bias, running_mean, running_var, training, eps)
-    if training and running_mean is not None and running_var is not None:
+    if updates:
         count = input.numel() // input.shape[1] if input.shape[1] else 0
-        if momentum is None and num_batches_tracked is None:
-            momentum = 0.0  # torch's factor when there is nothing to average over
         with torch.no_grad():
             ops.update_running_stats(
                 running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count, unbiased_running_var

@@ -59,6 +59,24 @@ def update_running_stats(
     )
 
 
+def forward_train_update(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    unbiased: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """forward_train, then update_running_stats over the input's values per channel, in one call
+    (a composite of the two ops; see csrc/forward_train_update.cpp)."""
+    return torch.ops.torch_bn.forward_train_update.default(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, unbiased
+    )
+
+
 def stats_dtype(input: Tensor) -> torch.dtype:
     """The dtype of batch statistics: float64 for float64 input, float32 otherwise (as ATen)."""
     return torch.float64 if input.dtype == torch.float64 else torch.float32
