@@ -37,10 +37,10 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_train_update(const Tensor& input, const OptionalTensor& weight,
-                                                    const OptionalTensor& bias, const Tensor& running_mean,
-                                                    const Tensor& running_var,
-                                                    const OptionalTensor& num_batches_tracked,
-                                                    std::optional<double> momentum, double eps, bool unbiased) {
+                                                        const OptionalTensor& bias, const Tensor& running_mean,
+                                                        const Tensor& running_var,
+                                                        const OptionalTensor& num_batches_tracked,
+                                                        std::optional<double> momentum, double eps, bool unbiased) {
   // The forward never reads the running statistics: they are checked before it runs, so that a
   // bad buffer is reported as such and nothing is computed or changed.
   check_input(input);
