@@ -1,7 +1,7 @@
 // torch_bn::forward_train_update: forward_train followed by the running-statistics update, the
 // modules' training forward in one call. From Python the two ops and the checks before them were
 // four calls and a no_grad block: one call made a module's forward-train 13 µs faster at 2x8x4x4
-// and 27-33 µs at 32x512x7x7 and 32x256x14x14 channels-last, a tenth of the layer (Zen 3 VM, 2
+// and 27-35 µs at 32x512x7x7 and 32x256x14x14 channels-last, a tenth of the layer (Zen 3 VM, 2
 // threads, in-process A/B of the two paths). A composite of the two ops (through the
 // dispatcher), so that autograd, fake tensors and every backend are theirs.
 #include "checks.h"
