@@ -2,9 +2,10 @@
 // torch.library.register_autograd: a Python autograd kernel runs on every call, gradient or not,
 // and that round trip through Python cost 15-40 µs per call on the CPU, more than the kernel of
 // a small layer. Here a call that can need no gradient goes straight to the backend kernel.
+#include "find_op.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -24,11 +25,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The ops as called from here. The *_kernel calls skip the Autograd key (this file is that
 // key's kernels) and run the backend's; the *_dispatch calls go through the whole dispatcher, so

@@ -5,8 +5,8 @@
 // threads, in-process A/B of the two paths). A composite of the two ops (through the
 // dispatcher), so that autograd, fake tensors and every backend are theirs.
 #include "checks.h"
+#include "find_op.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
@@ -21,18 +21,14 @@ using OptionalTensor = std::optional<Tensor>;
 
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptionalTensor& weight,
                                                  const OptionalTensor& bias, double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_bn::forward_train", "")
-                             .typed<decltype(forward_train)>();
+  static const auto op = find_op<decltype(forward_train)>("torch_bn::forward_train");
   return op.call(input, weight, bias, eps);
 }
 
 void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
                           const OptionalTensor& num_batches_tracked, const Tensor& mean, const Tensor& invstd,
                           std::optional<double> momentum, double eps, int64_t count, bool unbiased) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_bn::update_running_stats", "")
-                             .typed<decltype(update_running_stats)>();
+  static const auto op = find_op<decltype(update_running_stats)>("torch_bn::update_running_stats");
   op.call(running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count, unbiased);
 }
 
