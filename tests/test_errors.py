@@ -142,6 +142,33 @@ def test_per_channel_tensor_on_another_device(device, other, name, training):
     assert_rejected(bn, torch.randn(2, 3, 3, 3, device=device), RuntimeError, f"{name}.*{other}|{other}.*{name}")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+@pytest.mark.parametrize("cls", [torch_bn.BatchNorm2d, torch_bn.BatchNormAct2d], ids=lambda c: c.__name__)
+def test_per_channel_tensor_not_floating(cls, name, training):
+    bn = cls(3)
+    bn(torch.randn(4, 3, 3, 3) * 2 + 1)  # a state that an accidental write would change
+    bn.train(training)
+    integral = torch.arange(1, 4)
+    if name in ("weight", "bias"):
+        setattr(bn, name, torch.nn.Parameter(integral, requires_grad=False))
+    else:
+        setattr(bn, name, integral)
+    assert_rejected(bn, torch.randn(2, 3, 3, 3), RuntimeError, f"{name} must be floating point")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_fake_kernels_reject_what_the_kernels_reject(device):
+    """A meta input runs the ops' fake kernels (as torch.compile's tracing does): they raise the
+    CPU kernels' errors, so a traced graph does not accept what eager rejects."""
+    x = torch.randn(2, 3, 3, 3, device=device)
+    floats, integers = torch.ones(3, device=device), torch.ones(3, dtype=torch.int64, device=device)
+    with pytest.raises(RuntimeError, match="weight must be floating point"):
+        torch_bn.ops.forward_train(x, integers, floats, 1e-5)
+    with pytest.raises(RuntimeError, match="running_var must be floating point"):
+        torch_bn.ops.forward_eval(x, floats, floats, floats, integers, 1e-5)
+
+
 @pytest.mark.parametrize("eps", [0.0, -1e-5])
 def test_eps_not_positive_in_training(eps):
     bn = trained_bn2d()

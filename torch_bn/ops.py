@@ -113,6 +113,8 @@ def check_per_channel(input: Tensor, t: Optional[Tensor], name: str) -> None:
     # backend, so the fake kernels check devices too.
     if t.device != input.device:
         raise RuntimeError(f"torch_bn: {name} is on {t.device} but expected {input.device}")
+    if not t.is_floating_point():
+        raise RuntimeError(f"torch_bn: {name} must be floating point, got {t.dtype}")
 
 
 @torch.library.register_fake("torch_bn::forward_train")
