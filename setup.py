@@ -14,13 +14,27 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_config import cxx_flags, with_cuda  # noqa: E402
+from build_config import cxx_flags, link_order, with_cuda  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, linking the objects in link_order (setuptools links them in the
+    order of their sorted paths)."""
+
+    def build_extensions(self):
+        link = self.compiler.link
+
+        def link_extension_kernels_last(target_desc, objects, *args, **kwargs):
+            return link(target_desc, link_order(objects), *args, **kwargs)
+
+        self.compiler.link = link_extension_kernels_last
+        super().build_extensions()
 
 
 def extension():
@@ -46,7 +60,7 @@ setup(
     description="Fast, exact BatchNorm for PyTorch with fused C++ (and CUDA) kernels",
     packages=find_packages(include=["torch_bn", "torch_bn.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
     install_requires=[],  # torch is expected to be installed already; see README.
 )

@@ -57,3 +57,32 @@ def test_native_code_is_opt_in(openmp):
     assert "-march=native" not in default
     assert ("-fopenmp" in default) is openmp
     assert "-march=native" in build_config.cxx_flags({"TORCH_BN_NATIVE": "1"}, openmp)
+
+
+def test_extension_kernels_are_linked_last():
+    # The first object linked gives every caller its copy of a template instantiation that
+    # several objects define (see link_order): the portable objects, CUDA's too, come first.
+    objects = [
+        "build/csrc/autograd.o",
+        "build/csrc/cpu/kernels_avx2.o",
+        "build/csrc/cpu/kernels_avx512.o",
+        "build/csrc/cpu/kernels_default.o",
+        "build/csrc/cpu/ops.o",
+        "build/csrc/cuda/ops.o",
+        "build/csrc/ops.o",
+    ]
+    assert build_config.link_order(objects) == [
+        "build/csrc/autograd.o",
+        "build/csrc/cpu/kernels_default.o",
+        "build/csrc/cpu/ops.o",
+        "build/csrc/cuda/ops.o",
+        "build/csrc/ops.o",
+        "build/csrc/cpu/kernels_avx2.o",
+        "build/csrc/cpu/kernels_avx512.o",
+    ]
+
+
+def test_extension_kernels_are_every_kernel_build_but_the_portable_one():
+    # An extension build missing from the list would be linked among the portable objects.
+    builds = {path.stem for path in (Path(build_config.__file__).parent / "csrc" / "cpu").glob("kernels_*.cpp")}
+    assert builds - {"kernels_default"} == set(build_config.EXTENSION_KERNELS)

@@ -7,12 +7,17 @@ subprocess under each lower cap.
 """
 
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+import torch_bn
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = ["tests/test_ops.py", "tests/test_fused.py", "tests/test_numerics.py", "tests/test_streamed_outputs.py"]
@@ -54,3 +59,55 @@ def test_capability_variable_selects_another_build():
     expected_builds = {"default"} | ({"avx2"} if torch.backends.cpu.get_cpu_capability() == "AVX512" else set())
     for cap in expected_builds:
         assert bits[cap].stdout != native, f"ATEN_CPU_CAPABILITY={cap} ran the native build"
+
+
+# Mangled names of the AVX2 and AVX-512 kernels' namespaces, torch_bn::cpu::AVX2 and ::AVX512.
+EXTENSION_NAMESPACE = re.compile(r"3cpu4AVX2|3cpu6AVX512")
+# A VEX or EVEX encoded (AVX, AVX2, FMA, AVX-512) instruction in objdump's listing; not VERR,
+# VERW or the VMX instructions, which are no vector code.
+VECTOR_EXTENSION_INSTRUCTION = re.compile(r"\tv(?!err|erw|m(?:call|launch|resume|xo|read|write|ptr|clear|func))[a-z0-9]+\s")
+FUNCTION_START = re.compile(r"^([0-9a-f]+) <(.+)>:$")
+DIRECT_CALL = re.compile(r"\t(?:call|jmp)\s+([0-9a-f]+) <[^>+]+>")
+
+
+def run_binutils(tool, *args):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} (binutils) is not installed")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX builds exist on x86-64 only")
+def test_portable_code_calls_no_vector_extension_code():
+    """Code without AVX instructions (the portable kernels, the operators) calls code with them
+    only in the AVX2 and AVX-512 kernels' namespaces, which the dispatch enters where the CPU
+    has the extension. Anything else is a std or c10 template instantiation whose extension
+    build stands for every build's (see build_config.link_order), and a CPU without AVX2 would
+    stop on it with an illegal instruction."""
+    library = torch_bn._C.__file__
+    names, vector_code, callees = {}, {}, {}
+    function = None
+    for line in run_binutils("objdump", "-d", "--no-show-raw-insn", library).splitlines():
+        start = FUNCTION_START.match(line)
+        if start:
+            function = int(start.group(1), 16)
+            names[function], vector_code[function], callees[function] = start.group(2), False, set()
+        elif function is not None:
+            vector_code[function] |= VECTOR_EXTENSION_INSTRUCTION.search(line) is not None
+            call = DIRECT_CALL.search(line)
+            if call:
+                callees[function].add(int(call.group(1), 16))
+    # Calls to the library's exported functions go through its PLT: follow them to the definition.
+    exported = {}
+    for fields in (line.split() for line in run_binutils("nm", "--defined-only", library).splitlines()):
+        if len(fields) == 3 and fields[1] in "TW":
+            exported[fields[2]] = int(fields[0], 16)
+    plt = {address: exported[name[: -len("@plt")]] for address, name in names.items() if name.endswith("@plt") and name[: -len("@plt")] in exported}
+    assert any(vector_code.values()), "no AVX code found: the listing was not parsed"
+    calls_into_vector_code = sorted(
+        f"{names[caller]} -> {names[callee]}"
+        for caller, has_vector_code in vector_code.items()
+        if not has_vector_code
+        for callee in (plt.get(address, address) for address in callees[caller])
+        if vector_code.get(callee) and not EXTENSION_NAMESPACE.search(names[callee])
+    )
+    assert not calls_into_vector_code, "\n".join(calls_into_vector_code[:20])
