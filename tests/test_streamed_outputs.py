@@ -3,8 +3,8 @@ stores that bypass the cache (streams_output and RunStores in csrc/cpu), run by 
 whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
 by forward-train and by the input gradient, in training or evaluation (StagedStores); the forward
 pass in evaluation streams their whole lines and gathers only the lines they share with their
-neighbours (SharedLineStores) where planes are at least 512 bytes, and writes shorter planes as
-for smaller tensors. These tests run inputs past those sizes whose runs are streamed, staged,
+neighbours (SharedLineStores). Planes of 64 values or more but under 512 bytes are written as for
+smaller tensors in every pass, and shorter planes so in evaluation. These tests run inputs past those sizes whose runs are streamed, staged,
 gathered, or not, and check that every value lands: element-wise results
 equal, bitwise, those of the same layer on slices of the batch (each under every threshold, so
 written through the cache), and training results match float64.
@@ -20,8 +20,8 @@ CACHE_BYTES = 24 << 20
 # (x and y alone reach CACHE_BYTES); just over 10.7 MiB, backward (x, dy and dx) and the forward
 # with a residual stream, and the plain forward (x and y, 21.4 MiB) does not. 56x56 planes, and
 # channels-last rows of 112, 896, 1792 or 2688 channels, are whole lines (streamed); 14x14 planes
-# are not (784 bytes, every other one starting mid-line; bfloat16 392 bytes, under the 512 that
-# evaluation streams); 7x7 planes with N >= 24 are summed, and written in training (bfloat16 also
+# are not (784 bytes, every other one starting mid-line; bfloat16 392 bytes, under the 512 from
+# which such planes stream); 7x7 planes with N >= 24 are summed, and written in training (bfloat16 also
 # in evaluation), a group's row at a time; 61x71 planes and 83 channels are odd everywhere.
 SHAPES = [(12, 112, 56, 56), (24, 896, 14, 14), (32, 2688, 7, 7), (12, 83, 61, 71)]
 SHAPES += [(8, 112, 56, 56), (16, 896, 14, 14), (32, 1792, 7, 7), (8, 83, 61, 71)]

@@ -54,11 +54,11 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
-// NCHW planes of evaluation shorter than this many bytes are written through the cache even
-// where the output streams: streamed (SharedLineStores), evaluation at 32x2048x7x7 float32
-// (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14 bfloat16 (392
-// bytes) 0.7x, at 32x1024x14x14 float32 (784 bytes) 1.15-1.3x faster (interleaved old/new
-// processes on the AMD EPYC VM, 2 threads).
+// NCHW planes shorter than this many bytes are written through the cache even where the output
+// would stream (see streams_output). In evaluation, streamed (SharedLineStores) at 32x2048x7x7
+// float32 (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14
+// bfloat16 (392 bytes) 0.7x, at 32x1024x14x14 float32 (784 bytes) 1.15-1.3x faster
+// (interleaved old/new processes on the AMD EPYC VM, 2 threads).
 constexpr int64_t kMinSharedLinePlane = 512;
 // What a pass may move and still find in the last-level cache: three quarters of the AMD EPYC
 // VM's 32 MiB L3, which its two cores share with the rest of the chip. A pass whose inputs and
@@ -84,9 +84,15 @@ int64_t div_up(int64_t a, int64_t b) {
 // bfloat16 at 12.8 MB forward-train 1.1-1.5x and evaluation 1.04-1.11x (NCHW 32x64x56x56
 // 0.87x); the training step even (1.10x and 1.11x over torch.nn against 1.12x and 1.11x, 40
 // interleaved steps). At a 16 MiB bound backward at 6.4 MB (19.2 MB moved) streamed too and was
-// 0.88x as fast.
+// 0.88x as fast. NCHW planes of kShortPlane values or more (shorter ones may be written by
+// position) but fewer than kMinSharedLinePlane bytes go through the cache whatever the size, as
+// evaluation's do: streamed, forward-train and backward stage them a few lines at a time
+// (StagedStores), and at 32x1024x14x14 bfloat16 (392-byte planes) the speedup over torch's
+// backward was 1.09x so against 1.19x not streamed, module forward+backward 1.03x against 1.17x,
+// forward-train even (medians of 5 interleaved old/new process pairs, 2 threads).
 bool streams_output(const Shape& s, int64_t value_bytes, int64_t tensors) {
-  return tensors * s.count() * s.channels * value_bytes >= kCacheBytes;
+  const bool short_planes = !s.rows && s.inner >= kShortPlane && s.inner * value_bytes < kMinSharedLinePlane;
+  return !short_planes && tensors * s.count() * s.channels * value_bytes >= kCacheBytes;
 }
 
 template <typename acc_t>
