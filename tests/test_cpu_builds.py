@@ -101,7 +101,7 @@ def test_portable_code_calls_no_vector_extension_code():
     for fields in (line.split() for line in run_binutils("nm", "--defined-only", library).splitlines()):
         if len(fields) == 3 and fields[1] in "TW":
             exported[fields[2]] = int(fields[0], 16)
-    plt = {address: exported[name[: -len("@plt")]] for address, name in names.items() if name.endswith("@plt") and name[: -len("@plt")] in exported}
+    plt = {address: exported[name.removesuffix("@plt")] for address, name in names.items() if name.endswith("@plt") and name.removesuffix("@plt") in exported}
     assert any(vector_code.values()), "no AVX code found: the listing was not parsed"
     calls_into_vector_code = sorted(
         f"{names[caller]} -> {names[callee]}"

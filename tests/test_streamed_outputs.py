@@ -3,11 +3,11 @@ stores that bypass the cache (streams_output and RunStores in csrc/cpu), run by 
 whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
 by forward-train and by the input gradient, in training or evaluation (StagedStores); the forward
 pass in evaluation streams their whole lines and gathers only the lines they share with their
-neighbours (SharedLineStores). Planes of 64 values or more but under 512 bytes are written as for
-smaller tensors in every pass, and shorter planes so in evaluation. These tests run inputs past those sizes whose runs are streamed, staged,
-gathered, or not, and check that every value lands: element-wise results
-equal, bitwise, those of the same layer on slices of the batch (each under every threshold, so
-written through the cache), and training results match float64.
+neighbours (SharedLineStores). Planes under 512 bytes are written as for smaller tensors: in every
+pass where they have 64 values or more, in evaluation where fewer. These tests run inputs past
+those sizes whose runs are streamed, staged, gathered, or not, and check that every value lands:
+element-wise results equal, bitwise, those of the same layer on slices of the batch (each under
+every threshold, so written through the cache), and training results match float64.
 """
 
 import pytest
