@@ -8,8 +8,13 @@ CUDA_ENV = "TORCH_BN_CUDA"
 # TORCH_BN_NATIVE=1 adds -march=native: faster on the build machine, not portable.
 NATIVE_ENV = "TORCH_BN_NATIVE"
 # The builds of the CPU kernels for an instruction set extension, csrc/cpu/<name>.cpp (the
-# portable build is kernels_default.cpp), whose objects setup.py links last (see link_order).
-EXTENSION_KERNELS = ("kernels_avx2", "kernels_avx512")
+# portable build is kernels_default.cpp), with the flags that setup.py compiles each with on
+# x86-64 (see target_flags) and whose objects it links last (see link_order). The AVX-512 set is
+# what ATen's AVX512 capability requires.
+EXTENSION_KERNELS = {
+    "kernels_avx2": ["-mavx", "-mavx2", "-mfma", "-mf16c"],
+    "kernels_avx512": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
 
 
 def with_cuda(environ, torch_cuda_version, cuda_home):
@@ -33,15 +38,32 @@ def cxx_flags(environ, openmp):
     return flags
 
 
+def target_flags(source, machine, unix_compiler):
+    """The instruction set flags to compile ``source`` with: its extension's on x86-64 with a
+    GCC-style compiler, none for any other source or elsewhere (where the extension builds
+    forward to the portable one).
+
+    Flags, not a ``#pragma GCC target`` in the file: GCC compiles some functions it defines
+    implicitly (a lambda's conversion to a function pointer, which -Wpsabi reported; with GCC 13,
+    special members too) for the command line's target even under the pragma. With GCC 13 the
+    build failed (libstdc++'s always_inline std::allocator members could not be inlined into such
+    a destructor) and, with the standard headers included ahead of the pragma, built but crashed
+    (segmentation faults in the CPU operators).
+    """
+    name = os.path.splitext(os.path.basename(source))[0]
+    if not unix_compiler or machine.lower() not in ("x86_64", "amd64"):
+        return []
+    return list(EXTENSION_KERNELS.get(name, []))
+
+
 def link_order(objects):
     """``objects`` in the order to link them: those of the extension kernels last.
 
-    Everything those files compile after their ``#pragma GCC target`` is built for the
-    extension, the std::vector and c10 templates the kernels instantiate included. Such an
-    instantiation is a weak symbol that several objects define, and the linker keeps the first
-    object's copy for every caller. Linked in path order, as setuptools links, the AVX2 kernels
-    came first, and the portable kernels and the operators called their AVX2 copies
-    (std::vector<std::vector<float>>::insert, c10::str's formatting): a CPU without AVX2 would
-    stop on an illegal instruction.
+    Everything those files compile is built for the extension, the std::vector and c10 templates
+    the kernels instantiate included. Such an instantiation is a weak symbol that several objects
+    define, and the linker keeps the first object's copy for every caller. Linked in path order,
+    as setuptools links, the AVX2 kernels came first, and the portable kernels and the operators
+    called their AVX2 copies (std::vector<std::vector<float>>::insert, c10::str's formatting): a
+    CPU without AVX2 would stop on an illegal instruction.
     """
     return sorted(objects, key=lambda path: os.path.splitext(os.path.basename(path))[0] in EXTENSION_KERNELS)

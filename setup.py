@@ -7,6 +7,7 @@
 
 import glob
 import os
+import platform
 import sys
 
 import torch
@@ -14,7 +15,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_config import cxx_flags, link_order, with_cuda  # noqa: E402
+from build_config import cxx_flags, link_order, target_flags, with_cuda  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,9 +24,18 @@ def sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", pattern)))
 
 
+def with_cxx_flags(extra_postargs, flags):
+    """Compile arguments (a list, or a dict with the C++ compiler's under "cxx") plus ``flags``
+    for the C++ compiler."""
+    if isinstance(extra_postargs, dict):
+        return dict(extra_postargs, cxx=list(extra_postargs.get("cxx", [])) + flags)
+    return list(extra_postargs or []) + flags
+
+
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, linking the objects in link_order (setuptools links them in the
-    order of their sorted paths)."""
+    """torch's BuildExtension, compiling each source with its target_flags (setuptools has no
+    per-file flags: the sources are compiled in groups of equal flags) and linking the objects
+    in link_order (setuptools links them in the order of their sorted paths)."""
 
     def build_extensions(self):
         link = self.compiler.link
@@ -35,6 +45,26 @@ class BuildExtension(cpp_extension.BuildExtension):
 
         self.compiler.link = link_extension_kernels_last
         super().build_extensions()
+
+    def build_extension(self, ext):
+        # By now torch's build_extensions has put its (ninja) compile in place: wrap that.
+        compile = self.compiler.compile
+        unix_compiler = self.compiler.compiler_type == "unix"
+
+        def compile_with_target_flags(sources, extra_postargs=None, **kwargs):
+            groups = {}
+            for source in sources:
+                groups.setdefault(tuple(target_flags(source, platform.machine(), unix_compiler)), []).append(source)
+            objects = []
+            for flags, group in groups.items():
+                objects += compile(group, extra_postargs=with_cxx_flags(extra_postargs, list(flags)), **kwargs)
+            return objects
+
+        self.compiler.compile = compile_with_target_flags
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile
 
 
 def extension():

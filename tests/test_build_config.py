@@ -86,3 +86,20 @@ def test_extension_kernels_are_every_kernel_build_but_the_portable_one():
     # An extension build missing from the list would be linked among the portable objects.
     builds = {path.stem for path in (Path(build_config.__file__).parent / "csrc" / "cpu").glob("kernels_*.cpp")}
     assert builds - {"kernels_default"} == set(build_config.EXTENSION_KERNELS)
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "AMD64"])
+def test_extension_kernels_get_their_target_flags_on_x86(machine):
+    assert build_config.target_flags("csrc/cpu/kernels_avx2.cpp", machine, True) == ["-mavx", "-mavx2", "-mfma", "-mf16c"]
+    assert {"-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(
+        build_config.target_flags("csrc/cpu/kernels_avx512.cpp", machine, True)
+    )
+    # Everything else stays portable: the dispatch runs it on any CPU.
+    for source in ("csrc/cpu/kernels_default.cpp", "csrc/cpu/ops.cpp", "csrc/ops.cpp", "csrc/cuda/ops.cu"):
+        assert build_config.target_flags(source, machine, True) == []
+
+
+@pytest.mark.parametrize("machine, unix_compiler", [("aarch64", True), ("arm64", True), ("x86_64", False)])
+def test_no_target_flags_off_x86_or_for_other_compilers(machine, unix_compiler):
+    # There the extension builds forward to the portable one; MSVC takes no -m flags.
+    assert build_config.target_flags("csrc/cpu/kernels_avx2.cpp", machine, unix_compiler) == []
