@@ -81,7 +81,9 @@ raise SystemExit(1 if missing else 0)"
 
 tests() {
   # -P keeps the repository root off sys.path, so that the installed torch_bn (with _C) is used.
-  python3 -P -m pytest -q -n 8 --import-mode=importlib tests
+  # -rA lists every test's outcome, so that a run cut short (crashed workers, the time limit)
+  # still tells which tests passed.
+  python3 -P -m pytest -q -rA -n 8 --import-mode=importlib tests
 }
 
 sanitize() {
