@@ -11,10 +11,17 @@ NATIVE_ENV = "TORCH_BN_NATIVE"
 # portable build is kernels_default.cpp), with the flags that setup.py compiles each with on
 # x86-64 (see target_flags) and whose objects it links last (see link_order). The AVX-512 set is
 # what ATen's AVX512 capability requires.
+_AVX2_FLAGS = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
 EXTENSION_KERNELS = {
-    "kernels_avx2": ["-mavx", "-mavx2", "-mfma", "-mf16c"],
-    "kernels_avx512": ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+    "kernels_avx2": _AVX2_FLAGS,
+    "kernels_avx512": _AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
 }
+
+
+def build_name(path):
+    """A source's or object's file name without directory and extension: kernels_avx2 for
+    csrc/cpu/kernels_avx2.cpp and for its .o."""
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def with_cuda(environ, torch_cuda_version, cuda_home):
@@ -50,10 +57,9 @@ def target_flags(source, machine, unix_compiler):
     a destructor) and, with the standard headers included ahead of the pragma, built but crashed
     (segmentation faults in the CPU operators).
     """
-    name = os.path.splitext(os.path.basename(source))[0]
     if not unix_compiler or machine.lower() not in ("x86_64", "amd64"):
         return []
-    return list(EXTENSION_KERNELS.get(name, []))
+    return list(EXTENSION_KERNELS.get(build_name(source), []))
 
 
 def link_order(objects):
@@ -66,4 +72,4 @@ def link_order(objects):
     called their AVX2 copies (std::vector<std::vector<float>>::insert, c10::str's formatting): a
     CPU without AVX2 would stop on an illegal instruction.
     """
-    return sorted(objects, key=lambda path: os.path.splitext(os.path.basename(path))[0] in EXTENSION_KERNELS)
+    return sorted(objects, key=lambda path: build_name(path) in EXTENSION_KERNELS)

@@ -49,12 +49,12 @@ class BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
         # By now torch's build_extensions has put its (ninja) compile in place: wrap that.
         compile = self.compiler.compile
-        unix_compiler = self.compiler.compiler_type == "unix"
+        machine, unix_compiler = platform.machine(), self.compiler.compiler_type == "unix"
 
         def compile_with_target_flags(sources, extra_postargs=None, **kwargs):
             groups = {}
             for source in sources:
-                groups.setdefault(tuple(target_flags(source, platform.machine(), unix_compiler)), []).append(source)
+                groups.setdefault(tuple(target_flags(source, machine, unix_compiler)), []).append(source)
             objects = []
             for flags, group in groups.items():
                 objects += compile(group, extra_postargs=with_cxx_flags(extra_postargs, list(flags)), **kwargs)
