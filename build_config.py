@@ -36,7 +36,10 @@ def with_cuda(environ, torch_cuda_version, cuda_home):
 
 
 def cxx_flags(environ, openmp):
-    flags = ["-O3", "-std=c++17"]
+    # -g0 undoes the -g of Python's own compile flags: the kernel files' template-heavy code
+    # compiled 1.7x slower with it (GCC 12, kernels_avx2.cpp 102 s against 59 s) into an object
+    # 32x as large, and the library came to 103 MB.
+    flags = ["-O3", "-std=c++17", "-g0"]
     if openmp:
         # at::parallel_for is header code: without -fopenmp it would run on one thread.
         flags.append("-fopenmp")

@@ -9,13 +9,14 @@ import glob
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_config import cxx_flags, link_order, target_flags, with_cuda  # noqa: E402
+from build_config import build_name, cxx_flags, link_order, target_flags, with_cuda  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,8 +35,8 @@ def with_cxx_flags(extra_postargs, flags):
 
 class BuildExtension(cpp_extension.BuildExtension):
     """torch's BuildExtension, compiling each source with its target_flags (setuptools has no
-    per-file flags: the sources are compiled in groups of equal flags) and linking the objects
-    in link_order (setuptools links them in the order of their sorted paths)."""
+    per-file flags: the sources are compiled in groups of equal flags, concurrently) and linking
+    the objects in link_order (setuptools links them in the order of their sorted paths)."""
 
     def build_extensions(self):
         link = self.compiler.link
@@ -51,14 +52,21 @@ class BuildExtension(cpp_extension.BuildExtension):
         compile = self.compiler.compile
         machine, unix_compiler = platform.machine(), self.compiler.compiler_type == "unix"
 
-        def compile_with_target_flags(sources, extra_postargs=None, **kwargs):
+        def compile_with_target_flags(sources, output_dir, extra_postargs=None, **kwargs):
             groups = {}
             for source in sources:
                 groups.setdefault(tuple(target_flags(source, machine, unix_compiler)), []).append(source)
-            objects = []
-            for flags, group in groups.items():
-                objects += compile(group, extra_postargs=with_cxx_flags(extra_postargs, list(flags)), **kwargs)
-            return objects
+
+            def compile_group(flags, group):
+                # A folder per group: torch's compile writes the build.ninja of its output folder.
+                folder = os.path.join(output_dir, build_name(group[0])) if flags else output_dir
+                return compile(group, output_dir=folder, extra_postargs=with_cxx_flags(extra_postargs, list(flags)), **kwargs)
+
+            # At the same time: one after the other, the two kernel files (the slowest to
+            # compile) each waited for everything before them, and the build took twice as long.
+            with ThreadPoolExecutor(len(groups)) as pool:
+                per_group = pool.map(lambda item: compile_group(*item), groups.items())
+                return [obj for objects in per_group for obj in objects]
 
         self.compiler.compile = compile_with_target_flags
         try:
