@@ -25,6 +25,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 // The dtypes this build's entry points take: all floating types, or half and bfloat16 alone for
 // a build that cpu_capability_for() picks only for those (TORCH_BN_REDUCED_PRECISION_ONLY).
 #if defined(TORCH_BN_REDUCED_PRECISION_ONLY)
@@ -60,11 +64,30 @@ constexpr int64_t kMinPositionRows = 24;
 // bfloat16 (392 bytes) 0.7x, at 32x1024x14x14 float32 (784 bytes) 1.15-1.3x faster
 // (interleaved old/new processes on the AMD EPYC VM, 2 threads).
 constexpr int64_t kMinSharedLinePlane = 512;
-// What a pass may move and still find in the last-level cache: three quarters of the AMD EPYC
-// VM's 32 MiB L3, which its two cores share with the rest of the chip. A pass whose inputs and
-// outputs together reach it writes its outputs with non-temporal stores (see RunStores,
-// streams_output).
-constexpr int64_t kCacheBytes = 24 << 20;
+// What a pass may move and still find in the last-level cache (see cache_bytes): three quarters
+// of the L3, which a VM's two cores share with the rest of the chip, and at most
+// kMaxCacheBytes. A pass whose inputs and outputs together reach it writes its outputs with
+// non-temporal stores (see RunStores, streams_output).
+constexpr int64_t kMaxCacheBytes = 48 << 20;
+// Where the L3's size is unknown: that of the AMD EPYC VMs the bound was first measured on.
+constexpr int64_t kDefaultL3Bytes = 32 << 20;
+
+// The bound is 24 MiB on the AMD EPYC VMs (32 MiB L3). The Intel Xeon VM reports a 480 MiB L3
+// but does not get to keep that much: float32 NCHW passes over 12.8 MB tensors were 1.02-1.3x
+// faster written through the cache (forward-train and forward+backward at 32x128x28x28,
+// 32x512x14x14 and 32x2048x7x7; evaluation even), forward+backward over 25.7 MB tensors (77 MB
+// moved) 1.34-1.54x faster streamed (32x64x56x56, 32x256x28x28, 32x1024x14x14), hence the
+// 48 MiB cap (medians of 5-7 rounds interleaved with torch.nn, one process per bound).
+int64_t cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l3 = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return std::min<int64_t>((l3 > 0 ? l3 : kDefaultL3Bytes) / 4 * 3, kMaxCacheBytes);
+  }();
+  return bytes;
+}
 
 int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
@@ -92,7 +115,7 @@ int64_t div_up(int64_t a, int64_t b) {
 // forward-train even (medians of 5 interleaved old/new process pairs, 2 threads).
 bool streams_output(const Shape& s, int64_t value_bytes, int64_t tensors) {
   const bool short_planes = !s.rows && s.inner >= kShortPlane && s.inner * value_bytes < kMinSharedLinePlane;
-  return !short_planes && tensors * s.count() * s.channels * value_bytes >= kCacheBytes;
+  return !short_planes && tensors * s.count() * s.channels * value_bytes >= cache_bytes();
 }
 
 template <typename acc_t>
