@@ -110,7 +110,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     build)
       run machine 30 machine
-      run build 300 build || break
+      run build 420 build || break
       ;;
     tests) run tests 200 tests ;;
     sanitize) run sanitize 200 sanitize ;;
