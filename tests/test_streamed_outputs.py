@@ -1,6 +1,6 @@
-"""A pass whose inputs and outputs together reach 24 MiB writes its outputs with non-temporal
-stores that bypass the cache (streams_output and RunStores in csrc/cpu), run by run where a run is
-whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
+"""A pass whose inputs and outputs together reach the streaming bound (24 MiB here, see
+conftest.py) writes its outputs with non-temporal stores that bypass the cache (streams_output and
+RunStores in csrc/cpu), run by run where a run is whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
 by forward-train and by the input gradient, in training or evaluation (StagedStores); the forward
 pass in evaluation streams their whole lines and gathers only the lines they share with their
 neighbours (SharedLineStores). Planes under 512 bytes are written as for smaller tensors: in every
@@ -10,12 +10,17 @@ element-wise results equal, bitwise, those of the same layer on slices of the ba
 every threshold, so written through the cache), and training results match float64.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import torch_bn
 
-CACHE_BYTES = 24 << 20
+# The bound in force (conftest.py pins it, whatever the machine's L3).
+CACHE_BYTES = int(os.environ["TORCH_BN_STREAM_BYTES"])
 # (N, C, H, W) at float32, bfloat16 doubling N, of two sizes. Just over 16 MiB every pass streams
 # (x and y alone reach CACHE_BYTES); just over 10.7 MiB, backward (x, dy and dx) and the forward
 # with a residual stream, and the plain forward (x and y, 21.4 MiB) does not. 56x56 planes, and
@@ -128,3 +133,13 @@ def test_streamed_passes_bitwise_across_thread_counts(dtype):
         torch.set_num_threads(threads)
     for name, one, two in zip(("output", "input gradient", "weight gradient", "bias gradient"), *runs):
         assert torch.equal(one, two), name
+
+
+@pytest.mark.parametrize("value", ["lots", "-1"])
+def test_stream_bound_variable_takes_a_positive_byte_count(value):
+    # Read once per process, so a fresh one; -P keeps the source folder (without _C) off sys.path.
+    script = "import torch, torch_bn; torch_bn.BatchNorm2d(3)(torch.randn(2, 3, 4, 4))"
+    env = dict(os.environ, TORCH_BN_STREAM_BYTES=value)
+    result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '{value}'" in result.stderr

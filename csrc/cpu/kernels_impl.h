@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -78,8 +79,16 @@ constexpr int64_t kDefaultL3Bytes = 32 << 20;
 // 32x512x14x14 and 32x2048x7x7; evaluation even), forward+backward over 25.7 MB tensors (77 MB
 // moved) 1.34-1.54x faster streamed (32x64x56x56, 32x256x28x28, 32x1024x14x14), hence the
 // 48 MiB cap (medians of 5-7 rounds interleaved with torch.nn, one process per bound).
+// TORCH_BN_STREAM_BYTES, read once, sets the bound in bytes instead: for inputs sized around a
+// known bound (the tests of the streamed passes), and for measuring another bound on a new
+// machine without rebuilding.
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
+    if (const char* chosen = std::getenv("TORCH_BN_STREAM_BYTES")) {
+      const int64_t value = std::atoll(chosen);
+      TORCH_CHECK(value > 0, "TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '", chosen, "'");
+      return value;
+    }
     int64_t l3 = 0;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
