@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -559,6 +560,34 @@ struct RunTotal {
   // against torch's in the same process: 0.57-0.71x of it before, 0.92-1.11x now).
   template <size_t... Slot>
   explicit RunTotal(std::index_sequence<Slot...>) : lanes{((void)Slot, Vectorized<acc_t>(acc_t(0)))...} {}
+};
+
+// n running totals (one per channel of a group), zeroed, in a plain byte buffer aligned by hand.
+// A std::vector<RunTotal> allocates through the over-aligned operator new, which glibc serves
+// with memalign past its per-thread cache. Two such vectors per group of channels made backward
+// 4-7% slower at 32x128x28x28 float32 (otherwise the same loops, interleaved in one process, 1
+// and 2 threads); this buffer instead: 1.03-1.05x at 32x128x28x28, 0.98-1.07x at 32x512x14x14.
+template <typename acc_t>
+class RunTotals {
+ public:
+  explicit RunTotals(int64_t n) : n_(n), bytes_(n * sizeof(RunTotal<acc_t>) + alignof(RunTotal<acc_t>)) {
+    void* at = bytes_.data();
+    size_t space = bytes_.size();
+    first_ = static_cast<RunTotal<acc_t>*>(std::align(alignof(RunTotal<acc_t>), n * sizeof(RunTotal<acc_t>), at, space));
+    reset();
+  }
+  RunTotals(const RunTotals&) = delete;
+  RunTotals& operator=(const RunTotals&) = delete;
+
+  RunTotal<acc_t>& operator[](int64_t i) { return first_[i]; }
+  RunTotal<acc_t>* data() { return first_; }
+  void reset() { std::uninitialized_fill_n(first_, n_, RunTotal<acc_t>()); }
+
+ private:
+  static_assert(std::is_trivially_destructible_v<RunTotal<acc_t>>, "the buffer is released without destructors");
+  int64_t n_;
+  std::vector<unsigned char> bytes_;
+  RunTotal<acc_t>* first_;
 };
 
 // Calls vector_step(slot, i) on [0, n) kUnroll vectors at a time, then on the remaining whole
