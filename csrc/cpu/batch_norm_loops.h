@@ -565,8 +565,9 @@ struct RunTotal {
 // n running totals (one per channel of a group), zeroed, in a plain byte buffer aligned by hand.
 // A std::vector<RunTotal> allocates through the over-aligned operator new, which glibc serves
 // with memalign past its per-thread cache. Two such vectors per group of channels made backward
-// 4-7% slower at 32x128x28x28 float32 (otherwise the same loops, interleaved in one process, 1
-// and 2 threads); this buffer instead: 1.03-1.05x at 32x128x28x28, 0.98-1.07x at 32x512x14x14.
+// 2-8% slower at 32x128x28x28 float32 (otherwise the same loops, interleaved in one process, 1
+// and 2 threads; as plain float vectors of the same bytes, no slower); this buffer instead:
+// backward 1.03-1.05x at 32x128x28x28, 0.98-1.07x at 32x512x14x14.
 template <typename acc_t>
 class RunTotals {
  public:
