@@ -1,13 +1,14 @@
-"""A pass whose inputs and outputs together reach the streaming bound (24 MiB here, see
-conftest.py) writes its outputs with non-temporal stores that bypass the cache (streams_output and
-RunStores in csrc/cpu), run by run where a run is whole, aligned cache lines. Other NCHW runs are gathered in a buffer and streamed a line at a time
-by forward-train and by the input gradient, in training or evaluation (StagedStores); the forward
-pass in evaluation streams their whole lines and gathers only the lines they share with their
-neighbours (SharedLineStores). Planes under 512 bytes are written as for smaller tensors: in every
-pass where they have 64 values or more, in evaluation where fewer. These tests run inputs past
-those sizes whose runs are streamed, staged, gathered, or not, and check that every value lands:
-element-wise results equal, bitwise, those of the same layer on slices of the batch (each under
-every threshold, so written through the cache), and training results match float64.
+"""A pass whose inputs and outputs together reach the streaming bound (24 MiB here, see conftest.py)
+writes its outputs with non-temporal stores that bypass the cache (streams_output and RunStores in
+csrc/cpu), run by run where a run is whole, aligned cache lines. Other NCHW runs are gathered in a
+buffer and streamed a line at a time by forward-train and by the input gradient, in training or
+evaluation (StagedStores); the forward pass in evaluation streams their whole lines and gathers only
+the lines they share with their neighbours (SharedLineStores). Planes under 512 bytes are written as
+for smaller tensors: in every pass where they have 64 values or more, in evaluation where fewer.
+These tests run inputs past those sizes whose runs are streamed, staged, gathered, or not, and check
+that every value lands: element-wise results equal, bitwise, those of the same layer on slices of
+the batch (each under every threshold, so written through the cache), and training results match
+float64.
 """
 
 import os
@@ -135,7 +136,7 @@ def test_streamed_passes_bitwise_across_thread_counts(dtype):
         assert torch.equal(one, two), name
 
 
-@pytest.mark.parametrize("value", ["lots", "-1"])
+@pytest.mark.parametrize("value", ["lots", "-1", "24MiB"])
 def test_stream_bound_variable_takes_a_positive_byte_count(value):
     # Read once per process, so a fresh one; -P keeps the source folder (without _C) off sys.path.
     script = "import torch, torch_bn; torch_bn.BatchNorm2d(3)(torch.randn(2, 3, 4, 4))"

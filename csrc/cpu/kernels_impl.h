@@ -20,6 +20,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -85,9 +86,13 @@ constexpr int64_t kDefaultL3Bytes = 32 << 20;
 int64_t cache_bytes() {
   static const int64_t bytes = [] {
     if (const char* chosen = std::getenv("TORCH_BN_STREAM_BYTES")) {
-      const int64_t value = std::atoll(chosen);
-      TORCH_CHECK(value > 0, "TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '", chosen, "'");
-      return value;
+      // The whole value, digits only: atoll would read "24MiB" as 24 bytes.
+      char* end = nullptr;
+      errno = 0;
+      const long long value = std::strtoll(chosen, &end, 10);
+      TORCH_CHECK(end != chosen && *end == '\0' && errno == 0 && value > 0,
+                  "TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '", chosen, "'");
+      return static_cast<int64_t>(value);
     }
     int64_t l3 = 0;
 #ifdef _SC_LEVEL3_CACHE_SIZE
