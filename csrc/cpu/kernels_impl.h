@@ -67,24 +67,25 @@ constexpr int64_t kMinPositionRows = 24;
 // (interleaved old/new processes on the AMD EPYC VM, 2 threads).
 constexpr int64_t kMinSharedLinePlane = 512;
 // What a pass may move and still find in the last-level cache (see cache_bytes): three quarters
-// of the L3, and at most kMaxCacheBytes, since a VM's two cores share that L3 with the rest of
-// the chip. A pass whose inputs and outputs together reach it writes its outputs with
+// of the L3, which a VM's two cores share with the rest of the chip, and at most
+// kMaxCacheBytes. A pass whose inputs and outputs together reach it writes its outputs with
 // non-temporal stores (see RunStores, streams_output).
-constexpr int64_t kMaxCacheBytes = 24 << 20;
+constexpr int64_t kMaxCacheBytes = 48 << 20;
 // Where the L3's size is unknown: that of the AMD EPYC VMs the bound was first measured on.
 constexpr int64_t kDefaultL3Bytes = 32 << 20;
 
-// The cap is what the AMD EPYC VMs (32 MiB L3) measured best, and it holds on the Intel Xeon
-// VM, which reports a 480 MiB L3 but keeps far less of it, and how much depends on its
-// neighbours. There a 48 MiB cap was tried (c1de225): at one hour, module forward+backward over
-// 12.8 MB float32 tensors was 1.1x faster written through the cache; at another, 1.05-1.5x
-// faster streamed (forward-train then backward of one module move x, y, dy and dx, 51 MB, more
-// than either pass alone): over torch.nn at 32x128x28x28 NCHW 1.54-1.68x -> 2.28-2.34x,
-// channels-last 1.22-1.36x -> 1.79-1.92x, 32x512x14x14 and 32x2048x7x7 1.05-1.2x; the other
-// ResNet-50 shapes and the training step even; forward-train alone even but at 32x2048x7x7 NCHW,
-// 2.9-3.3x -> 2.3x (bench.py, 24 and 48 MiB in alternating processes: two float32 runs of every
-// shape and three of the 12.8 MB ones each). A 12 MiB cap, streaming passes over 6.4 MB tensors
-// too, was even to 0.9x there.
+// The bound is 24 MiB on the AMD EPYC VMs (32 MiB L3). The Intel Xeon VM reports a 480 MiB L3
+// but does not get to keep that much: float32 NCHW passes over 12.8 MB tensors were 1.02-1.3x
+// faster written through the cache (forward-train and forward+backward at 32x128x28x28,
+// 32x512x14x14 and 32x2048x7x7; evaluation even), forward+backward over 25.7 MB tensors (77 MB
+// moved) 1.34-1.54x faster streamed (32x64x56x56, 32x256x28x28, 32x1024x14x14), hence the
+// 48 MiB cap (medians of 5-7 rounds interleaved with torch.nn, one process per bound).
+// Later the same day a 24 MiB cap, streaming those 12.8 MB passes, made module forward+backward
+// 1.05-1.5x faster (32x128x28x28 NCHW 1.54-1.68x -> 2.28-2.34x over torch.nn): a loop of it
+// moves x, y, dy and dx (51 MB), more than either pass, and nothing reads y or dx. The training
+// step, where the next layer reads them, was slower so, 1.12-1.13x over torch.nn against
+// 1.14-1.17x (5 runs of each cap in alternating processes), and what the step loses is what
+// users train with: the cap stays.
 // TORCH_BN_STREAM_BYTES, read once, sets the bound in bytes instead: for inputs sized around a
 // known bound (the tests of the streamed passes), and for measuring another bound on a new
 // machine without rebuilding.
