@@ -1065,9 +1065,9 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       for (const auto i : c10::irange(channels)) {
         sum_dy[c0 + i] += sum_totals[i].total();
         sum_dy_xmu[c0 + i] += dot_totals[i].total();
-        sum_totals[i] = RunTotal<acc_t>();
-        dot_totals[i] = RunTotal<acc_t>();
       }
+      sum_totals.reset();
+      dot_totals.reset();
     });
     if (!dx) {
       return;
