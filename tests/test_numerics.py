@@ -180,6 +180,38 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
             assert torch.equal(first, other), f"result {index} differs between runs"
 
 
+# Evaluation writes float planes shorter than 512 bytes as one stream whose vectors straddle two
+# planes (affine_planes): planes of exactly one AVX2 float vector, one value more, whole vectors,
+# 7x7 and the longest such float32 plane, in a batch that two threads split in mid-channel.
+@pytest.mark.parametrize("plane", [8, 9, 16, 49, 127])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eval_on_short_planes_matches_float64(dtype, plane, device):
+    channels = 201
+    bn = torch_bn.BatchNorm1d(channels).to(device, dtype).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = (torch.randn(41, channels, plane, dtype=torch.float64) * 2 + 1).to(device)
+    invstd = (bn.running_var.double() + bn.eps).rsqrt()
+    reference = ((x - bn.running_mean.double()[:, None]) * (invstd * bn.weight.double())[:, None]
+                 + bn.bias.double()[:, None])
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            with torch.no_grad():
+                outputs.append(bn(x.to(dtype)))
+    finally:
+        torch.set_num_threads(threads)
+    # float32: the coefficients and the result each rounded once, on values up to about 20.
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+    torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
+    assert torch.equal(outputs[0], outputs[1]), "the result depends on the thread count"
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_empty_batch_matches_torch(layout, training, device):

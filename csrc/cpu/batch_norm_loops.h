@@ -1314,5 +1314,46 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
   }
 }
 
+// y = x · scale[c] + shift[c] over the whole NCHW planes [p0, p1), `plane` values each (at least
+// V), walked as one stream: a vector that straddles two planes takes each lane's coefficients
+// from its own plane, blended in registers, so that a short plane costs no loop and no scalar or
+// overlapping last vector of its own. T is its own accumulation type (float, double).
+template <typename T>
+TORCH_BN_FLATTEN inline void affine_planes(const T* x, T* y, int64_t plane, int64_t channels, int64_t p0, int64_t p1,
+                                           const T* scale, const T* shift) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const Vec lane = Vec::arange(T(0), T(1));
+  const int64_t first = p0 * plane;
+  const int64_t n = (p1 - p0) * plane;
+  int64_t c = p0 % channels;
+  Vec scale_c(scale[c]), shift_c(shift[c]);
+  const auto value = [&](int64_t i, const Vec& s, const Vec& b) {
+    return at::vec::fmadd(Vec::loadu(x + first + i), s, b);
+  };
+  int64_t left = plane;  // values of channel c's plane from i on
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    if (left > V) {
+      value(i, scale_c, shift_c).store(y + first + i);
+      left -= V;
+      continue;
+    }
+    // Lanes from `left` on belong to the next plane (none when left == V).
+    c = c + 1 == channels ? 0 : c + 1;
+    const Vec scale_next(scale[c]), shift_next(shift[c]);
+    const Vec next_lanes = lane >= Vec(static_cast<T>(left));
+    value(i, Vec::blendv(scale_c, scale_next, next_lanes), Vec::blendv(shift_c, shift_next, next_lanes))
+        .store(y + first + i);
+    scale_c = scale_next;
+    shift_c = shift_next;
+    left += plane - V;
+  }
+  if (i < n) {
+    // The last V values lie in the last plane, whose coefficients these are.
+    value(n - V, scale_c, shift_c).store(y + first + n - V);
+  }
+}
+
 } // namespace CPU_CAPABILITY
 } // namespace torch_bn::cpu
