@@ -180,23 +180,19 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
             assert torch.equal(first, other), f"result {index} differs between runs"
 
 
-# Evaluation writes float planes shorter than 512 bytes as one stream whose vectors straddle two
-# planes (affine_planes): planes of exactly one AVX2 float vector, one value more, whole vectors,
-# 7x7 and the longest such float32 plane, in a batch that two threads split in mid-channel.
-@pytest.mark.parametrize("plane", [8, 9, 16, 49, 127])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_eval_on_short_planes_matches_float64(dtype, plane, device):
-    channels = 201
-    bn = torch_bn.BatchNorm1d(channels).to(device, dtype).eval()
+def check_eval_matches_float64_on_any_thread_count(bn, x, dtype):
+    """Evaluation of x (float64, any layout) by bn in dtype against a float64 reference, and the
+    same result on one thread and on two."""
+    bn = bn.to(x.device, dtype).eval()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 1.5)
-    x = (torch.randn(41, channels, plane, dtype=torch.float64) * 2 + 1).to(device)
+    per_channel = (-1,) + (1,) * (x.dim() - 2)
     invstd = (bn.running_var.double() + bn.eps).rsqrt()
-    reference = ((x - bn.running_mean.double()[:, None]) * (invstd * bn.weight.double())[:, None]
-                 + bn.bias.double()[:, None])
+    reference = ((x - bn.running_mean.double().view(per_channel)) * (invstd * bn.weight.double()).view(per_channel)
+                 + bn.bias.double().view(per_channel))
     threads = torch.get_num_threads()
     outputs = []
     try:
@@ -210,6 +206,24 @@ def test_eval_on_short_planes_matches_float64(dtype, plane, device):
     tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
     torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
     assert torch.equal(outputs[0], outputs[1]), "the result depends on the thread count"
+
+
+# Evaluation writes float planes shorter than 512 bytes as one stream whose vectors straddle two
+# planes (affine_planes): planes of exactly one AVX2 float vector, one value more, whole vectors,
+# 7x7 and the longest such float32 plane, in a batch that two threads split in mid-channel.
+@pytest.mark.parametrize("plane", [8, 9, 16, 49, 127])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eval_on_short_planes_matches_float64(dtype, plane, device):
+    x = (torch.randn(41, 201, plane, dtype=torch.float64) * 2 + 1).to(device)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype)
+
+
+# Channels-last evaluation splits the rows evenly between threads, here 369 rows of 520 channels
+# (one row a group), so that a task starts in mid-block.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_channels_last_eval_split_between_threads_matches_float64(dtype, device):
+    x = (torch.randn(41, 520, 3, 3, dtype=torch.float64) * 2 + 1).to(device, memory_format=torch.channels_last)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
