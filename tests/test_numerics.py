@@ -152,6 +152,19 @@ def train_steps(bn, inputs):
     return results
 
 
+def results_on_thread_counts(counts, compute):
+    """compute() run with each of `counts` threads in turn; the thread count is restored after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for num_threads in counts:
+            torch.set_num_threads(num_threads)
+            results.append(compute())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 # Large enough that the kernels split the work between threads; 7x7 planes in a batch of 32
 # are summed by position across a group of channels, whose width decides which values take a
 # loop's scalar tail, so it must not follow the thread count.
@@ -165,16 +178,13 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
         for _ in range(2)
     ]
     initial = torch_bn.BatchNorm2d(24).to(device)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for num_threads in (1, 2, 2):
-            torch.set_num_threads(num_threads)
-            bn = torch_bn.BatchNorm2d(24).to(device)
-            bn.load_state_dict(initial.state_dict())
-            runs.append(train_steps(bn, inputs))
-    finally:
-        torch.set_num_threads(threads)
+
+    def train_a_copy():
+        bn = torch_bn.BatchNorm2d(24).to(device)
+        bn.load_state_dict(initial.state_dict())
+        return train_steps(bn, inputs)
+
+    runs = results_on_thread_counts((1, 2, 2), train_a_copy)
     for run in runs[1:]:
         for index, (first, other) in enumerate(zip(runs[0], run)):
             assert torch.equal(first, other), f"result {index} differs between runs"
@@ -193,15 +203,8 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype):
     invstd = (bn.running_var.double() + bn.eps).rsqrt()
     reference = ((x - bn.running_mean.double().view(per_channel)) * (invstd * bn.weight.double()).view(per_channel)
                  + bn.bias.double().view(per_channel))
-    threads = torch.get_num_threads()
-    outputs = []
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
-            with torch.no_grad():
-                outputs.append(bn(x.to(dtype)))
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        outputs = results_on_thread_counts((1, 2), lambda: bn(x.to(dtype)))
     # float32: the coefficients and the result each rounded once, on values up to about 20.
     tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
     torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
