@@ -454,11 +454,13 @@ struct RowPlan {
   // The rows of a block: block_rows, fewer in the last.
   int64_t rows_in(int64_t block) const { return std::min(block_rows, rows - block_start(block)); }
 
+  int64_t block_end(int64_t block) const { return block_start(block) + rows_in(block); }
+
   // Calls f(first_value, position, length) on the groups of rows of a block, chunk by chunk,
   // with `position` the offset inside the group (the index into tiled per-channel arrays).
   template <typename F>
   void for_each_chunk_in(int64_t block, const F& f) const {
-    for_each_chunk_in_rows(block_start(block), block_start(block) + rows_in(block), f);
+    for_each_chunk_in_rows(block_start(block), block_end(block), f);
   }
 
   // The same on rows [r0, r1), r0 the first row of a group.
@@ -674,7 +676,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
       };
       if (recent_first) {
         for_each_block(plan.num_blocks, /*recent_first=*/true, [&](int64_t block) {
-          write(plan.block_start(block), plan.block_start(block) + plan.rows_in(block));
+          write(plan.block_start(block), plan.block_end(block));
         });
         return;
       }
@@ -723,9 +725,8 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
       return;
     }
   }
-  const bool share_lines = !short_planes;
   at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
-    normalize_planes(x, y, s, p, epilogue, p0, p1, share_lines);
+    normalize_planes(x, y, s, p, epilogue, p0, p1, /*share_lines=*/!short_planes);
     fence_streamed_stores();
   });
 }
