@@ -22,6 +22,25 @@ def device(request):
     return request.param
 
 
+@pytest.fixture
+def on_thread_counts():
+    """on_thread_counts(counts, compute): compute() run with each of `counts` threads in turn, the
+    results as a list; the thread count is restored after."""
+
+    def run(counts, compute):
+        threads = torch.get_num_threads()
+        try:
+            results = []
+            for num_threads in counts:
+                torch.set_num_threads(num_threads)
+                results.append(compute())
+            return results
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     # Each test draws the same numbers whatever ran before it, so a failure reproduces alone.

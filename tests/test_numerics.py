@@ -152,26 +152,13 @@ def train_steps(bn, inputs):
     return results
 
 
-def results_on_thread_counts(counts, compute):
-    """compute() run with each of `counts` threads in turn; the thread count is restored after."""
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for num_threads in counts:
-            torch.set_num_threads(num_threads)
-            results.append(compute())
-        return results
-    finally:
-        torch.set_num_threads(threads)
-
-
 # Large enough that the kernels split the work between threads; 7x7 planes in a batch of 32
 # are summed by position across a group of channels, whose width decides which values take a
 # loop's scalar tail, so it must not follow the thread count.
 @pytest.mark.parametrize("size", [20, 7])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size, device):
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size, device, on_thread_counts):
     shape = (32, 24, size, size)
     inputs = [
         ((torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(shape).to(device, dtype))
@@ -184,13 +171,13 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
         bn.load_state_dict(initial.state_dict())
         return train_steps(bn, inputs)
 
-    runs = results_on_thread_counts((1, 2, 2), train_a_copy)
+    runs = on_thread_counts((1, 2, 2), train_a_copy)
     for run in runs[1:]:
         for index, (first, other) in enumerate(zip(runs[0], run)):
             assert torch.equal(first, other), f"result {index} differs between runs"
 
 
-def check_eval_matches_float64_on_any_thread_count(bn, x, dtype):
+def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_counts):
     """Evaluation of x (float64, any layout) by bn in dtype against a float64 reference, and the
     same result on one thread and on two."""
     bn = bn.to(x.device, dtype).eval()
@@ -204,7 +191,7 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype):
     reference = ((x - bn.running_mean.double().view(per_channel)) * (invstd * bn.weight.double()).view(per_channel)
                  + bn.bias.double().view(per_channel))
     with torch.no_grad():
-        outputs = results_on_thread_counts((1, 2), lambda: bn(x.to(dtype)))
+        outputs = on_thread_counts((1, 2), lambda: bn(x.to(dtype)))
     # float32: the coefficients and the result each rounded once, on values up to about 20.
     tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
     torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
@@ -216,17 +203,17 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype):
 # 7x7 and the longest such float32 plane, in a batch that two threads split in mid-channel.
 @pytest.mark.parametrize("plane", [8, 9, 16, 49, 127])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_eval_on_short_planes_matches_float64(dtype, plane, device):
+def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_counts):
     x = (torch.randn(41, 201, plane, dtype=torch.float64) * 2 + 1).to(device)
-    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype, on_thread_counts)
 
 
 # Channels-last evaluation splits the rows evenly between threads, here 369 rows of 520 channels
 # (one row a group), so that a task starts in mid-block.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_channels_last_eval_split_between_threads_matches_float64(dtype, device):
+def test_channels_last_eval_split_between_threads_matches_float64(dtype, device, on_thread_counts):
     x = (torch.randn(41, 520, 3, 3, dtype=torch.float64) * 2 + 1).to(device, memory_format=torch.channels_last)
-    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype, on_thread_counts)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -111,7 +111,7 @@ def test_training_matches_float64(shape, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_streamed_passes_bitwise_across_thread_counts(dtype):
+def test_streamed_passes_bitwise_across_thread_counts(dtype, on_thread_counts):
     """Streamed NCHW passes fetch the next group of their task while they write, a piece of 512
     values at a time, so which runs are split follows the thread count. 13x79 planes are 1027
     values, which pieces of 512 alone would end with three: a split may not change how any value
@@ -120,18 +120,15 @@ def test_streamed_passes_bitwise_across_thread_counts(dtype):
     x = (torch.randn(n, 128, 13, 79) * 2 + 1).to(dtype)
     grad_output = torch.randn_like(x)
     assert 2 * x.numel() * x.element_size() >= CACHE_BYTES
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for num_threads in (1, 2):
-            torch.set_num_threads(num_threads)
-            x_leaf = x.clone().requires_grad_()
-            layer = torch_bn.BatchNorm2d(128).to(dtype)
-            output = layer(x_leaf)
-            output.backward(grad_output)
-            runs.append((output.detach(), x_leaf.grad, layer.weight.grad, layer.bias.grad))
-    finally:
-        torch.set_num_threads(threads)
+
+    def train_a_layer():
+        x_leaf = x.clone().requires_grad_()
+        layer = torch_bn.BatchNorm2d(128).to(dtype)
+        output = layer(x_leaf)
+        output.backward(grad_output)
+        return output.detach(), x_leaf.grad, layer.weight.grad, layer.bias.grad
+
+    runs = on_thread_counts((1, 2), train_a_layer)
     for name, one, two in zip(("output", "input gradient", "weight gradient", "bias gradient"), *runs):
         assert torch.equal(one, two), name
 
