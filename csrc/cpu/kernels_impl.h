@@ -3,7 +3,8 @@
 //
 // Numerics: forward statistics come from one pass over memory, Σd and Σd² of d = x - shift with
 // a shift near the mean, where the cancellation in Σd² - (Σd)²/n costs at most a bit; elsewhere
-// from the exact two-pass Σ(x - mean)² (see planar_moments, forward_train_rows). Sums run in the
+// from a second pass around the mean the first found, which also corrects that mean (see
+// OnePassMoments, planar_moments, forward_train_rows). Sums run in the
 // accumulation type over chunks of at most kChunk values and in double across chunks, so neither
 // a large mean nor a long reduction costs precision. The pieces a value is summed in depend on
 // the shape alone, never on the thread count (threads only decide which task handles a piece),
@@ -165,8 +166,9 @@ struct Moments {
 
 // The mean's offset from the shift and M2 of n values, from their one-pass sums Σd and Σd² of
 // d = x - shift (ShiftedMoments) and 1/n: M2 = Σd² - (Σd)²/n. `cancels` where the mean's share
-// (Σd)²/n is more than half of Σd², so that M2 would lose more than a bit: there the exact
-// two-pass M2 is due instead. T is double, or Vectorized<double> for several channels at once
+// (Σd)²/n is more than half of Σd², so that M2 would lose more than a bit: there a second pass
+// is due, whose sums around the mean this one found (CenteredMoments) give, by the same formula,
+// that mean's correction and the exact M2. T is double, or Vectorized<double> for several channels at once
 // (`cancels` then a mask of lanes); 1/n is computed once for all of them.
 template <typename T>
 struct OnePassMoments {
@@ -819,7 +821,7 @@ double leading_mean(const scalar_t* run, int64_t length) {
 // merged in order with Chan's update. A chunk is read once: Σd and Σd² of d = x - shift, the
 // shift being the channel's mean over its chunks so far (in its first chunk, the mean of the
 // chunk's first values), near the chunk's own mean (see OnePassMoments). A channel whose M2
-// would cancel gets the exact two-pass M2 of the chunk, Σ(x - mean)², from cache. With that
+// would cancel gets the chunk's mean and M2 from a second pass, from cache. With that
 // second pass for every chunk, forward-train took up to 40% longer at ResNet-50's shapes (even
 // at 32x512x14x14 float32; interleaved A/B, 2 threads). `make_reduce(c0, c1)` gives the reducer
 // (SumByRun, SumByPosition) of channels [c0, c1): reduce(b0, b1, offset, length, term, a, b,
@@ -832,7 +834,7 @@ std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, i
   const auto reduce = make_reduce(c0, c1);
   std::vector<Moments> moments(channels);
   std::vector<acc_t> shift(channels);
-  std::vector<double> sums(2 * channels), exact(1);
+  std::vector<double> sums(2 * channels), exact(2);
   plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
     const double count = static_cast<double>((b1 - b0) * length);
     const double inverse_count = 1.0 / count;
@@ -844,13 +846,15 @@ std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, i
     reduce(b0, b1, offset, length, ShiftedMoments<acc_t>{}, shift, shift, sums);
     for (const auto i : c10::irange(channels)) {
       const OnePassMoments one_pass(inverse_count, sums[i], sums[channels + i]);
-      const double mean = static_cast<double>(shift[i]) + one_pass.offset;
+      double mean = static_cast<double>(shift[i]) + one_pass.offset;
       double m2 = one_pass.m2;
       if (one_pass.cancels) {
         const auto m = split_mean<acc_t>(mean);
-        make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, SquaredDeviation<acc_t>{}, std::vector<acc_t>{m.hi},
+        make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, CenteredMoments<acc_t>{}, std::vector<acc_t>{m.hi},
                                         std::vector<acc_t>{m.lo}, exact);
-        m2 = exact[0];
+        const OnePassMoments two_pass(inverse_count, exact[0], exact[1]);
+        mean += two_pass.offset;
+        m2 = two_pass.m2;
       }
       moments[i].merge(count, mean, m2);
     }
@@ -921,8 +925,8 @@ std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
 
 // Channels-last: each block of rows gets its mean and M2 from one pass over memory, Σd and Σd²
 // of d = x - shift, the shift being a sampled mean (sampled_mean) and so near the block's own
-// (see OnePassMoments). Where a column's M2 would cancel, the block's M2 is the exact two-pass
-// Σ(x - mean)², from L2. With that second pass for every block (and no fetch-ahead),
+// (see OnePassMoments). Where a column's M2 would cancel, the block's mean and M2 come from a
+// second pass, from L2. With that second pass for every block (and no fetch-ahead),
 // forward-train took 13-37% longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B,
 // 2 threads). The blocks are then merged with the two-pass formula over their means,
 // M2 = Σ (m2_b + n_b·(mean_b - mean)²), in loops that run along the channels.
@@ -993,8 +997,14 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
         hi[i] = m.hi;
         lo[i] = m.lo;
       }
-      reduce_columns<acc_t>(rows_x + first_far, rows, width, C, SquaredDeviation<acc_t>{}, PerChannel<acc_t>{hi.data()},
-                            PerChannel<acc_t>{lo.data()}, m2 + first_far, /*fetch_ahead=*/false);
+      std::vector<double> exact(2 * width);
+      reduce_columns<acc_t>(rows_x + first_far, rows, width, C, CenteredMoments<acc_t>{}, PerChannel<acc_t>{hi.data()},
+                            PerChannel<acc_t>{lo.data()}, exact.data(), /*fetch_ahead=*/false);
+      for (const auto i : c10::irange(width)) {
+        const OnePassMoments two_pass(inverse_rows, exact[i], exact[width + i]);
+        offset[first_far + i] += two_pass.offset;
+        m2[first_far + i] = two_pass.m2;
+      }
     }
   });
   const double count = static_cast<double>(plan.rows);
