@@ -46,9 +46,11 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // Channels-last statistics work on blocks of rows that stay in L2 between their two passes;
-// each block leaves O(C) doubles behind, so a block has at least kMinBlockRows rows.
+// each block leaves O(C) doubles behind, so a block has about kMinBlockRows rows or more.
 constexpr int64_t kBlockValues = 32768;
 constexpr int64_t kMinBlockRows = 64;
+// The block count is a multiple of this, see RowPlan.
+constexpr int64_t kBlockCountMultiple = 4;
 // Rows whose mean shifts the channels-last statistics (see forward_train_rows), and values
 // whose mean shifts an NCHW channel's first chunk (see planar_moments).
 constexpr int64_t kShiftRows = 16;
@@ -442,21 +444,26 @@ struct ChannelAffine {
 // How the rows layout is cut: groups of rows processed as one run, blocks of groups reduced
 // together.
 struct RowPlan {
-  int64_t rows, channels, group_rows, block_rows, num_blocks;
+  int64_t rows, channels, group_rows, num_groups, num_blocks;
 
+  // Blocks of whole groups, their sizes within a group of each other and their count a multiple
+  // of kBlockCountMultiple (or every group a block), so that two or four threads get equal
+  // shares; the count depends on the shape alone, so the sums do not depend on the thread count.
+  // Blocks of a fixed size left 24.5 of them at 32x2048x7x7 and 32x512x7x7, 13 on one of two
+  // threads.
   explicit RowPlan(const Shape& s) : rows(s.count()), channels(s.channels) {
     group_rows = std::max<int64_t>(1, kMinGroupValues / channels);
-    const int64_t wanted = std::max(kMinBlockRows, kBlockValues / channels);
-    block_rows = div_up(wanted, group_rows) * group_rows;
-    num_blocks = div_up(rows, block_rows);
+    num_groups = div_up(rows, group_rows);
+    const int64_t wanted_rows = std::max(kMinBlockRows, kBlockValues / channels);
+    const int64_t blocks = div_up(div_up(rows, wanted_rows), kBlockCountMultiple) * kBlockCountMultiple;
+    num_blocks = std::min(num_groups, blocks);
   }
 
-  int64_t block_start(int64_t block) const { return block * block_rows; }
+  int64_t block_start(int64_t block) const { return std::min(rows, block * num_groups / num_blocks * group_rows); }
 
-  // The rows of a block: block_rows, fewer in the last.
-  int64_t rows_in(int64_t block) const { return std::min(block_rows, rows - block_start(block)); }
+  int64_t block_end(int64_t block) const { return block_start(block + 1); }
 
-  int64_t block_end(int64_t block) const { return block_start(block) + rows_in(block); }
+  int64_t rows_in(int64_t block) const { return block_end(block) - block_start(block); }
 
   // Calls f(first_value, position, length) on the groups of rows of a block, chunk by chunk,
   // with `position` the offset inside the group (the index into tiled per-channel arrays).
@@ -682,11 +689,10 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
         });
         return;
       }
-      // With no statistics pass before it to follow, the rows are split evenly, a group at a
-      // time: in blocks, 32x2048x7x7 is 24.5 blocks, 13 of which one of two threads writes.
-      const int64_t groups = div_up(plan.rows, plan.group_rows);
+      // With no statistics pass before it to follow, the rows are split evenly among the
+      // threads, a group at a time, whatever their number.
       const int64_t grain = std::max<int64_t>(1, kGrainValues / (plan.group_rows * s.channels));
-      at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      at::parallel_for(0, plan.num_groups, grain, [&](int64_t g0, int64_t g1) {
         write(g0 * plan.group_rows, std::min(plan.rows, g1 * plan.group_rows));
         fence_streamed_stores();
       });
