@@ -4,12 +4,12 @@
 // Numerics: forward statistics come from one pass over memory, Σd and Σd² of d = x - shift with
 // a shift near the mean, where the cancellation in Σd² - (Σd)²/n costs at most a bit; elsewhere
 // from a second pass around the mean the first found, which also corrects that mean (see
-// OnePassMoments, planar_moments, forward_train_rows). Sums run in the
-// accumulation type over chunks of at most kChunk values and in double across chunks, so neither
-// a large mean nor a long reduction costs precision. The pieces a value is summed in depend on
-// the shape alone, never on the thread count (threads only decide which task handles a piece),
-// and partial results are combined in a fixed order: the same input gives bitwise the same
-// output on every run and with any number of threads.
+// OnePassMoments, planar_moments, forward_train_rows). Sums run in the accumulation type over
+// chunks of at most kChunk values and in double across chunks, so neither a large mean nor a
+// long reduction costs precision. The pieces a value is summed in depend on the shape alone,
+// never on the thread count (threads only decide which task handles a piece), and partial
+// results are combined in a fixed order: the same input gives bitwise the same output on every
+// run and with any number of threads.
 #pragma once
 #include "../activation.h"
 #include "batch_norm_loops.h"
@@ -170,8 +170,8 @@ struct Moments {
 // d = x - shift (ShiftedMoments) and 1/n: M2 = Σd² - (Σd)²/n. `cancels` where the mean's share
 // (Σd)²/n is more than half of Σd², so that M2 would lose more than a bit: there a second pass
 // is due, whose sums around the mean this one found (CenteredMoments) give, by the same formula,
-// that mean's correction and the exact M2. T is double, or Vectorized<double> for several channels at once
-// (`cancels` then a mask of lanes); 1/n is computed once for all of them.
+// that mean's correction and the exact M2. T is double, or Vectorized<double> for several
+// channels at once (`cancels` then a mask of lanes); 1/n is computed once for all of them.
 template <typename T>
 struct OnePassMoments {
   T offset, m2;
