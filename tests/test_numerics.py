@@ -70,15 +70,29 @@ def test_gradients_for_means_on_both_sides_of_the_fold(layout, device):
         assert error <= 1.5e-6, f"channel {c} (mean {means[c].item()}): relative error {error}"
 
 
+def drifting_batch(layout, device="cpu", generator=None):
+    """A float32 (32, 40, 14, 14) input whose images lie far apart: an offset of 50 per image,
+    spread 1 within one."""
+    offsets = 50.0 * (torch.arange(32, dtype=torch.float64) - 16.0)
+    x = (torch.randn(32, 40, 14, 14, dtype=torch.float64, generator=generator) + offsets.view(-1, 1, 1, 1)).float()
+    return x.to(device).contiguous(memory_format=LAYOUTS[layout])
+
+
+def check_batch_statistics(bn, exact_input, mean_bound, var_rtol):
+    """bn (momentum=1, after one training call) holds exact_input's batch statistics: the mean
+    within mean_bound of each channel's spread, the unbiased variance within var_rtol of itself."""
+    mean_error = (bn.running_mean.double() - exact_input.mean((0, 2, 3))).abs()
+    assert (mean_error <= mean_bound * exact_input.std((0, 2, 3))).all(), mean_error.max()
+    torch.testing.assert_close(bn.running_var.double(), exact_input.var((0, 2, 3)), rtol=var_rtol, atol=0)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_batch_drifting_far_from_its_mean(layout, device):
-    """Statistics of an input whose images lie far apart (an offset of 50 per image, spread 1
-    within one): every piece the CPU kernels sum in one pass (an NCHW plane, a channels-last
-    block of rows) lies far from the mean of what came before or of a sample, where the one-pass
-    moments would cancel, and takes the exact two-pass ones instead."""
-    offsets = 50.0 * (torch.arange(32, dtype=torch.float64) - 16.0)
-    x = (torch.randn(32, 40, 14, 14, dtype=torch.float64) + offsets.view(-1, 1, 1, 1)).float()
-    x = x.to(device).contiguous(memory_format=LAYOUTS[layout])
+    """Statistics of an input whose images lie far apart (drifting_batch): every piece the CPU
+    kernels sum in one pass (an NCHW plane, a channels-last block of rows) lies far from the mean
+    of what came before or of a sample, where the one-pass moments would cancel, and takes the
+    exact two-pass ones instead."""
+    x = drifting_batch(layout, device)
     exact_input = x.double()
     bn = torch_bn.BatchNorm2d(40, momentum=1.0).to(device)
     with torch.no_grad():
@@ -87,9 +101,7 @@ def test_batch_drifting_far_from_its_mean(layout, device):
     assert relative_error(output, reference) <= 1e-6
     # momentum=1 leaves the batch statistics themselves in the running buffers; the mean is
     # measured against the channel's spread (about 460), the variance against itself.
-    mean_error = (bn.running_mean.double() - exact_input.mean((0, 2, 3))).abs()
-    assert (mean_error <= 1e-6 * exact_input.std((0, 2, 3))).all(), mean_error.max()
-    torch.testing.assert_close(bn.running_var.double(), exact_input.var((0, 2, 3)), rtol=1e-6, atol=0)
+    check_batch_statistics(bn, exact_input, mean_bound=1e-6, var_rtol=1e-6)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -99,18 +111,13 @@ def test_pieces_far_apart_merge_exactly_on_cpu(layout):
     error would otherwise be multiplied by the distance between the pieces' means when they are
     merged. Without that correction channels-last reached 1.3e-6 in the variance and 5e-7 of a
     channel's spread in the mean (30 draws); with it 1.9e-7 and 4e-8. CPU kernels only."""
-    offsets = 50.0 * (torch.arange(32, dtype=torch.float64) - 16.0)
     generator = torch.Generator().manual_seed(1)
     for _ in range(10):
-        x = torch.randn(32, 40, 14, 14, dtype=torch.float64, generator=generator) + offsets.view(-1, 1, 1, 1)
-        x = x.float().contiguous(memory_format=LAYOUTS[layout])
-        exact_input = x.double()
+        x = drifting_batch(layout, generator=generator)
         bn = torch_bn.BatchNorm2d(40, momentum=1.0)
         with torch.no_grad():
             bn(x)
-        mean_error = (bn.running_mean.double() - exact_input.mean((0, 2, 3))).abs()
-        assert (mean_error <= 2e-7 * exact_input.std((0, 2, 3))).all(), mean_error.max()
-        torch.testing.assert_close(bn.running_var.double(), exact_input.var((0, 2, 3)), rtol=5e-7, atol=0)
+        check_batch_statistics(bn, x.double(), mean_bound=2e-7, var_rtol=5e-7)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
