@@ -112,8 +112,9 @@ def test_training_matches_float64(shape, dtype, layout):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_streamed_passes_bitwise_across_thread_counts(dtype, on_thread_counts):
-    """Streamed NCHW passes fetch the next group of their task while they write, a piece of 512
-    values at a time, so which runs are split follows the thread count. 13x79 planes are 1027
+    """Streamed NCHW passes fetch the next group of their task while they write (on AMD CPUs,
+    and here, see conftest.py), a piece of 512 values at a time, so which runs are split follows
+    the thread count. 13x79 planes are 1027
     values, which pieces of 512 alone would end with three: a split may not change how any value
     is computed."""
     n = 32 if dtype == torch.float32 else 64
@@ -133,11 +134,27 @@ def test_streamed_passes_bitwise_across_thread_counts(dtype, on_thread_counts):
         assert torch.equal(one, two), name
 
 
-@pytest.mark.parametrize("value", ["lots", "-1", "24MiB"])
-def test_stream_bound_variable_takes_a_positive_byte_count(value):
-    # Read once per process, so a fresh one; -P keeps the source folder (without _C) off sys.path.
-    script = "import torch, torch_bn; torch_bn.BatchNorm2d(3)(torch.randn(2, 3, 4, 4))"
-    env = dict(os.environ, TORCH_BN_STREAM_BYTES=value)
+def train_in_fresh_process(input_size, **variables):
+    """The stderr of a process that trains a BatchNorm2d on randn(input_size) with the environment
+    `variables` set, asserting that it failed. The kernels read their variables once per
+    process, hence a fresh one; -P keeps the source folder (without _C) off sys.path."""
+    channels = input_size[1]
+    script = f"import torch, torch_bn; torch_bn.BatchNorm2d({channels})(torch.randn{tuple(input_size)})"
+    env = dict(os.environ, **variables)
     result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert f"TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '{value}'" in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "24MiB"])
+def test_stream_bound_variable_takes_a_positive_byte_count(value):
+    stderr = train_in_fresh_process((2, 3, 4, 4), TORCH_BN_STREAM_BYTES=value)
+    assert f"TORCH_BN_STREAM_BYTES must be a positive number of bytes, got '{value}'" in stderr
+
+
+@pytest.mark.parametrize("value", ["true", "2", ""])
+def test_fetch_variable_takes_0_or_1(value):
+    # Read where a streamed pass goes on to its next group: with a 1-byte bound every pass
+    # streams, and one task takes all eight 16x16 channels.
+    stderr = train_in_fresh_process((4, 8, 16, 16), TORCH_BN_STREAM_BYTES="1", TORCH_BN_FETCH_NEXT_GROUP=value)
+    assert f"TORCH_BN_FETCH_NEXT_GROUP must be 0 or 1, got '{value}'" in stderr

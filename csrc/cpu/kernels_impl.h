@@ -24,6 +24,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -110,6 +111,27 @@ int64_t cache_bytes() {
     return std::min<int64_t>((l3 > 0 ? l3 : kDefaultL3Bytes) / 4 * 3, kMaxCacheBytes);
   }();
   return bytes;
+}
+
+// Whether a streamed pass fetches the next group while it writes (see
+// PlanarPlan::next_group_distance): on AMD CPUs, where that was measured faster, and nowhere
+// else. TORCH_BN_FETCH_NEXT_GROUP ("0" or "1"), read once, decides instead: for the tests, which
+// run the fetching path on any machine, and for measuring it on a new machine without
+// rebuilding.
+bool fetches_next_group() {
+  static const bool fetches = [] {
+    if (const char* chosen = std::getenv("TORCH_BN_FETCH_NEXT_GROUP")) {
+      TORCH_CHECK(std::strcmp(chosen, "0") == 0 || std::strcmp(chosen, "1") == 0,
+                  "TORCH_BN_FETCH_NEXT_GROUP must be 0 or 1, got '", chosen, "'");
+      return chosen[0] == '1';
+    }
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_is("amd") != 0;
+#else
+    return false;
+#endif
+  }();
+  return fetches;
 }
 
 int64_t div_up(int64_t a, int64_t b) {
@@ -292,8 +314,15 @@ struct PlanarPlan {
   // 1.05-1.12x, 0.96x at 32x2048x7x7. Where x stays in the cache and the pass does not stream,
   // fetching was 0.84-0.88x at 6.4 MB float32 forward-train and 0.91-1.02x at 12.8 MB (before
   // such passes streamed, see streams_output), the statistics reading from the cache anyway.
+  // On the Intel Xeon VM (2 MiB L2) fetching was slower at every streamed float32 shape, hence
+  // AMD alone (fetches_next_group). Not fetching there: 32x64x112x112 forward-train 7.63 ->
+  // 6.48 ms, backward 17.1 -> 13.9 ms, forward+backward 26.7 -> 21.8 ms; at 32x128x56x56,
+  // 32x256x28x28 and 32x512x28x28 each mode 1.09-1.14x faster; 32x1024x14x14 1.01-1.07x;
+  // 32x256x56x56 even (backward 0.98x); bfloat16 forward+backward 1.02-1.09x; the training step
+  // even (156.0 and 157.7 ms against 157.4 and 156.5 ms; medians of 7 rounds, or of 20 and 30
+  // steps, toggled in one process).
   int64_t next_group_distance(int64_t c0, int64_t c1, bool next, bool streamed) const {
-    return next && streamed ? (c1 - c0) * s.inner : 0;
+    return next && streamed && fetches_next_group() ? (c1 - c0) * s.inner : 0;
   }
 
   // Calls f(b0, b1, offset, length) on the chunks in order: values [offset, offset + length) of
