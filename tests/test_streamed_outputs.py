@@ -114,9 +114,8 @@ def test_training_matches_float64(shape, dtype, layout):
 def test_streamed_passes_bitwise_across_thread_counts(dtype, on_thread_counts):
     """Streamed NCHW passes fetch the next group of their task while they write (on AMD CPUs,
     and here, see conftest.py), a piece of 512 values at a time, so which runs are split follows
-    the thread count. 13x79 planes are 1027
-    values, which pieces of 512 alone would end with three: a split may not change how any value
-    is computed."""
+    the thread count. 13x79 planes are 1027 values, which pieces of 512 alone would end with
+    three: a split may not change how any value is computed."""
     n = 32 if dtype == torch.float32 else 64
     x = (torch.randn(n, 128, 13, 79) * 2 + 1).to(dtype)
     grad_output = torch.randn_like(x)
