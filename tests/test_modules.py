@@ -200,3 +200,32 @@ def test_buffer_versions_move_as_torch_nn(training, device):
     moved = [[now - then for now, then in zip(versions(module), old)] for module, old in zip((ours, ref), before)]
     assert moved[0] == moved[1]
     assert moved[0][2] == (2 if training else 0)
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, tensor):
+        return 2 * tensor
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parametrized_tensors_read_as_torch_nn(training, device):
+    # torch.nn.utils.parametrize moves a parameter or buffer out of the module's dicts behind a
+    # property on the module's class; the layer must read that property, as torch.nn's does.
+    # The running statistics are parametrized in evaluation only: training writes them in place.
+    ours, ref = make_pair(2, 3, device, torch.float32)
+    names = ("weight",) if training else ("weight", "running_var")
+    for module in (ours, ref):
+        for name in names:
+            torch.nn.utils.parametrize.register_parametrization(module, name, Doubled())
+        module.train(training)
+    x = make_input((4, 3, 5, 5), torch.float32, device)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours(x_ours), ref(x_ref)
+    assert_close(y_ours, y_ref, torch.float32, "output")
+    grad_output = torch.randn_like(y_ref)
+    y_ours.backward(grad_output)
+    y_ref.backward(grad_output)
+    assert_close(x_ours.grad, x_ref.grad, torch.float32, "grad_input")
+    original = [module.parametrizations.weight.original.grad for module in (ours, ref)]
+    assert_close(original[0], original[1], torch.float32, "grad of the weight's original")
+    assert_same_state(ours, ref, torch.float32)
