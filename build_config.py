@@ -11,7 +11,9 @@ NATIVE_ENV = "TORCH_BN_NATIVE"
 # portable build is kernels_default.cpp), with the flags that setup.py compiles each with on
 # x86-64 (see target_flags) and whose objects it links last (see link_order). The AVX-512 set is
 # what ATen's AVX512 capability requires.
-_AVX2_FLAGS = ["-mavx", "-mavx2", "-mfma", "-mf16c"]
+# -mprfchw: prefetchw, for the outputs (prefetch_lines_for_write); x86-64 CPUs without it
+# execute it as a no-op.
+_AVX2_FLAGS = ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mprfchw"]
 EXTENSION_KERNELS = {
     "kernels_avx2": _AVX2_FLAGS,
     "kernels_avx512": _AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],

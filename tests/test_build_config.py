@@ -96,7 +96,7 @@ def test_extension_kernels_are_every_kernel_build_but_the_portable_one():
 
 @pytest.mark.parametrize("machine", ["x86_64", "AMD64"])
 def test_extension_kernels_get_their_target_flags_on_x86(machine):
-    assert build_config.target_flags("csrc/cpu/kernels_avx2.cpp", machine, True) == ["-mavx", "-mavx2", "-mfma", "-mf16c"]
+    assert build_config.target_flags("csrc/cpu/kernels_avx2.cpp", machine, True) == ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mprfchw"]
     assert {"-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"} <= set(
         build_config.target_flags("csrc/cpu/kernels_avx512.cpp", machine, True)
     )

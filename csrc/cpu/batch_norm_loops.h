@@ -55,6 +55,17 @@ C10_ALWAYS_INLINE void prefetch_lines(uintptr_t address, int64_t bytes) {
   }
 }
 
+// Prefetches the cache lines of `bytes` bytes from `address` for writing: prefetchw where the
+// build has it (the extension builds, see build_config.py), else a read prefetch. A line written
+// through the cache is first read for ownership, from memory where the output is not in the
+// cache (a fresh activation); fetched ahead, those reads overlap the writes before them.
+// Always inlined, as prefetch_lines is.
+C10_ALWAYS_INLINE void prefetch_lines_for_write(uintptr_t address, int64_t bytes) {
+  for (int64_t byte = 0; byte < bytes; byte += kLineBytes) {
+    __builtin_prefetch(reinterpret_cast<const void*>(address + byte), /*rw=*/1, /*locality=*/3);
+  }
+}
+
 // One vector of the accumulation type from `src`: a plain load, or (half, bfloat16) a load of
 // as many narrow values, widened in registers. The loops read x this way, so that reduced
 // precision input is not widened into a buffer first.
