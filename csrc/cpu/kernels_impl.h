@@ -653,7 +653,7 @@ struct GradReader {
   }
 };
 
-// Before a write pass that does not stream writes values [first, first + n) of its planar
+// Before a training pass that does not stream writes values [first, first + n) of its planar
 // output `out`, fetches the same place in the next batch's planes for writing, which the pass
 // writes after the group's other planes of this batch (prefetch_lines_for_write). A run of a
 // short plane is a few lines, each a new stream to the hardware prefetchers, and into an output
@@ -667,29 +667,34 @@ struct GradReader {
 // in the benchmark's forward-train and backward alone, the fetch cost 3-9% at 7x7 and gained
 // 2-10% in forward-train at 14x14; the training step was even (1.147-1.171x over torch.nn
 // against 1.155-1.175x, 3 alternating process pairs of 14 steps). Streamed passes write past the
-// cache and fetch nothing.
+// cache and do not fetch, nor does evaluation: at 32x2048x7x7 bfloat16 (by position) it took
+// 0.45 ms with the fetch in two full benchmark runs against 0.42 ms in the run before, and none
+// of its benchmarked shapes gained.
 template <typename T>
-C10_ALWAYS_INLINE void fetch_next_batch_for_write(const PlanarPlan& plan, T* out, bool streamed, int64_t first, int64_t n) {
+C10_ALWAYS_INLINE void fetch_next_batch_for_write(const PlanarPlan& plan, T* out, int64_t first, int64_t n) {
   const Shape& s = plan.s;
   const int64_t next = first + s.channels * s.inner;
-  if (!streamed && next + n <= s.count() * s.channels) {
+  if (next + n <= s.count() * s.channels) {
     prefetch_lines_for_write(reinterpret_cast<uintptr_t>(out + next), n * static_cast<int64_t>(sizeof(T)));
   }
 }
 
 // Writes the planar group of channels [c0, c1) with the coefficients of `p` from its channel
 // `first` on (p's channel first + i is channel c0 + i), fetching x `fetch_distance` values ahead
-// (see PlanarPlan::next_group_distance).
+// (see PlanarPlan::next_group_distance) and, where `fetch_output`, the output's next batch
+// (fetch_next_batch_for_write).
 template <typename scalar_t, typename acc_t>
 void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const ChannelAffine<acc_t>& p, int64_t first,
-                        NormalizeWriter<scalar_t>& writer, int64_t fetch_distance = 0) {
+                        NormalizeWriter<scalar_t>& writer, bool fetch_output, int64_t fetch_distance = 0) {
   const auto of_group = [&](const std::vector<acc_t>& v) {
     return std::vector<acc_t>(v.begin() + first, v.begin() + first + (c1 - c0));
   };
   plan.for_each_group_write_centered<acc_t>(
       c0, c1, p.centered, of_group(p.mean.hi), of_group(p.mean.lo), {of_group(p.scale), of_group(p.shift)},
       [&](int64_t at, int64_t n, const auto& hi, const auto& lo, const auto& view) {
-        fetch_next_batch_for_write(plan, writer.y, writer.stream, at, n);
+        if (fetch_output) {
+          fetch_next_batch_for_write(plan, writer.y, at, n);
+        }
         write_fetching_ahead(FetchAhead::of<scalar_t>(writer.x + at, nullptr, fetch_distance), n,
                              [&](int64_t offset, int64_t length) {
                                writer.write(at + offset, length, hi.from(offset), lo.from(offset),
@@ -766,7 +771,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   if (plan.by_position() && !std::is_same_v<scalar_t, acc_t>) {
     plan.for_each_group([&](int64_t c0, int64_t c1, bool /*next*/) {
       NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
-      write_planar_group(plan, c0, c1, p, c0, writer);
+      write_planar_group(plan, c0, c1, p, c0, writer, /*fetch_output=*/false);
     });
     return;
   }
@@ -957,7 +962,8 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // the AMD EPYC VM, 2 threads), so that its runs are not staged (see SharedLineStores).
     StagedStores<scalar_t> stage;
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
-    write_planar_group(plan, c0, c1, affine, 0, writer, plan.next_group_distance(c0, c1, next, writer.stream));
+    write_planar_group(plan, c0, c1, affine, 0, writer, /*fetch_output=*/!writer.stream,
+                       plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
 
@@ -1191,7 +1197,9 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     plan.for_each_group_write_centered<acc_t>(
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
-          fetch_next_batch_for_write(plan, dx, grad.stream, run, run_length);
+          if (!grad.stream) {
+            fetch_next_batch_for_write(plan, dx, run, run_length);
+          }
           write_fetching_ahead(
               FetchAhead::of(x + run, dy + run, fetch_distance), run_length, [&](int64_t offset, int64_t len) {
                 const int64_t first = run + offset;
