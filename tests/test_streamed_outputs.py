@@ -24,8 +24,9 @@ import torch_bn
 CACHE_BYTES = int(os.environ["TORCH_BN_STREAM_BYTES"])
 # (N, C, H, W) at float32, bfloat16 doubling N, of two sizes. Just over 16 MiB every pass streams
 # (x and y alone reach CACHE_BYTES); just over 10.7 MiB, backward (x, dy and dx) and the forward
-# with a residual stream, and the plain forward (x and y, 21.4 MiB) does not. 56x56 planes, and
-# channels-last rows of 112, 896, 1792 or 2688 channels, are whole lines (streamed); 14x14 planes
+# with a residual stream, and the plain forward (x and y, 21.4 MiB) does not (NCHW, it fetches
+# its output ahead instead, see fetches_output_ahead). 56x56 planes, and channels-last rows of
+# 112, 896, 1792 or 2688 channels, are whole lines (streamed); 14x14 planes
 # are not (784 bytes, every other one starting mid-line; bfloat16 392 bytes, under the 512 from
 # which such planes stream); 7x7 planes with N >= 24 are summed, and written in training (bfloat16 also
 # in evaluation), a group's row at a time; 61x71 planes and 83 channels are odd everywhere.
@@ -36,12 +37,22 @@ LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channel
 SLICES = 4
 
 
-def large_input(shape, dtype, layout):
+# NCHW (N, C, H, W) at float32 whose backward (x, dy and dx: 16 MiB) is under the bound but
+# reaches half of it: the input gradient is written through the cache, each next batch's lines
+# fetched ahead (fetches_output_ahead), in 14x14 planes and in 7x7 rows.
+FETCHED_SHAPES = [(8, 896, 14, 14), (32, 896, 7, 7)]
+
+
+def random_input(shape, dtype, layout):
     n, c, h, w = shape
     if dtype == torch.bfloat16:
         n *= 2
     mean = torch.linspace(-2.0, 3.0, c).view(1, c, 1, 1)
-    x = (torch.randn(n, c, h, w) * 1.5 + mean).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    return (torch.randn(n, c, h, w) * 1.5 + mean).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+
+
+def large_input(shape, dtype, layout):
+    x = random_input(shape, dtype, layout)
     assert 3 * x.numel() * x.element_size() >= CACHE_BYTES
     # No pass moves more than four tensors of a slice's size (backward's x, dy and two gradients).
     assert 4 * (x.numel() * x.element_size() // SLICES) < CACHE_BYTES
@@ -93,9 +104,21 @@ def relative_error(actual, reference):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_training_matches_float64(shape, dtype, layout):
+    assert_training_matches_float64(large_input(shape, dtype, layout))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FETCHED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_that_fetches_the_input_gradient_matches_float64(shape, dtype):
+    x = random_input(shape, dtype, "contiguous")
+    assert CACHE_BYTES // 2 <= 3 * x.numel() * x.element_size() < CACHE_BYTES
+    assert_training_matches_float64(x)
+
+
+def assert_training_matches_float64(x):
     """Training forward and input gradient against float64 on the same (rounded) values: one
     rounding of the result to float32 (norm-wise 1e-6) or bfloat16 (4e-3)."""
-    x = large_input(shape, dtype, layout)
+    dtype = x.dtype
     grad_output = torch.randn_like(x)
     layer = randomized(torch_bn.BatchNorm2d(x.shape[1])).to(dtype)
     x_leaf = x.detach().requires_grad_()

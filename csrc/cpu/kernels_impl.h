@@ -138,6 +138,11 @@ int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// The bytes of `tensors` tensors of shape `s`, values of `value_bytes` each.
+int64_t pass_bytes(const Shape& s, int64_t value_bytes, int64_t tensors) {
+  return tensors * s.count() * s.channels * value_bytes;
+}
+
 // Whether a pass that reads and writes `tensors` tensors of shape `s` (values of `value_bytes`
 // each: x and y, a fused residual, dy and the gradients) writes its outputs past the cache:
 // written through it, they would evict the inputs, and each line would be read before it is
@@ -160,7 +165,16 @@ int64_t div_up(int64_t a, int64_t b) {
 // forward-train even (medians of 5 interleaved old/new process pairs, 2 threads).
 bool streams_output(const Shape& s, int64_t value_bytes, int64_t tensors) {
   const bool short_planes = !s.rows && s.inner >= kShortPlane && s.inner * value_bytes < kMinSharedLinePlane;
-  return !short_planes && tensors * s.count() * s.channels * value_bytes >= cache_bytes();
+  return !short_planes && pass_bytes(s, value_bytes, tensors) >= cache_bytes();
+}
+
+// Whether a training pass that does not stream fetches its output ahead for writing
+// (fetch_next_batch_for_write): where what it moves reaches half the bound of streams_output.
+// Below that, a loop's inputs and outputs stay in the cache and the fetch only costs: module
+// forward+backward at 32x512x7x7 float32 (13 MB of x, y, dy and dx) took 0.67 ms with it
+// against 0.62 ms.
+bool fetches_output_ahead(const Shape& s, int64_t value_bytes, int64_t tensors) {
+  return pass_bytes(s, value_bytes, tensors) >= cache_bytes() / 2;
 }
 
 template <typename acc_t>
@@ -554,6 +568,8 @@ struct NormalizeWriter {
   SignBitWriter signs;
   acc_t slope;
   bool stream;
+  // Whether a training pass fetches the output ahead (see fetches_output_ahead).
+  bool fetch_output;
   // What streams runs that are not whole lines (one or neither), where they are not written
   // through the cache: see forward_train_planar and normalize_impl.
   StagedStores<scalar_t>* stage;
@@ -563,7 +579,8 @@ struct NormalizeWriter {
                   StagedStores<scalar_t>* stage = nullptr, SharedLineStores<scalar_t>* lines = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
         slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
-        stage(stage), lines(lines) {}
+        fetch_output(!stream && fetches_output_ahead(s, sizeof(scalar_t), residual ? 3 : 2)), stage(stage),
+        lines(lines) {}
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
@@ -624,12 +641,15 @@ struct GradReader {
   std::vector<acc_t> gated;
   // Whether the passes' outputs (the input's and the residual's gradients) are streamed.
   bool stream;
+  // Whether the input gradient's pass fetches it ahead (see fetches_output_ahead).
+  bool fetch_output;
 
   GradReader(const scalar_t* dy, const Shape& s, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
         grad_residual(static_cast<scalar_t*>(p.grad_residual)),
         gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0),
-        stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
+        stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)),
+        fetch_output(!stream && fetches_output_ahead(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
@@ -653,23 +673,21 @@ struct GradReader {
   }
 };
 
-// Before a training pass that does not stream writes values [first, first + n) of its planar
-// output `out`, fetches the same place in the next batch's planes for writing, which the pass
-// writes after the group's other planes of this batch (prefetch_lines_for_write). A run of a
-// short plane is a few lines, each a new stream to the hardware prefetchers, and into an output
-// out of the cache (a fresh activation) its stores wait for their lines to be read. The
-// benchmark's forward+backward writes y and dx to addresses its allocator moves from round to
-// round: module forward+backward, float32 NCHW, medians of 3 runs of benchmarks/bench.py
-// alternating with the build before (Intel Xeon VM, 2 threads): 32x512x14x14 2.54 -> 2.03 ms,
-// 32x128x28x28 2.27 -> 1.99 ms, 32x2048x7x7 2.91 -> 2.66 ms, 32x256x14x14 even, 32x512x7x7
-// 0.62 -> 0.67 ms (its 13 MB of tensors stay in the cache); the geomean over torch.nn of those
-// and 32x1024x14x14 (streamed) 1.90-2.03x -> 2.03-2.12x. Where the output stays in the cache, as
-// in the benchmark's forward-train and backward alone, the fetch cost 3-9% at 7x7 and gained
-// 2-10% in forward-train at 14x14; the training step was even (1.147-1.171x over torch.nn
-// against 1.155-1.175x, 3 alternating process pairs of 14 steps). Streamed passes write past the
-// cache and do not fetch, nor does evaluation: at 32x2048x7x7 bfloat16 (by position) it took
-// 0.45 ms with the fetch in two full benchmark runs against 0.42 ms in the run before, and none
-// of its benchmarked shapes gained.
+// Fetches for writing (prefetch_lines_for_write) the same place in the next batch's planes as
+// values [first, first + n) of the planar output `out`, before a training pass writes those
+// (where fetches_output_ahead): the pass writes it after the group's other planes of this
+// batch. A run of a short plane is a few lines, each a new stream to the hardware prefetchers,
+// and into an output out of the cache (a fresh activation) its stores wait for their lines to be
+// read. The benchmark's forward+backward writes y and dx where its allocator puts them anew from
+// round to round: module forward+backward, float32 NCHW, medians of 3 runs of
+// benchmarks/bench.py alternating with the build before (Intel Xeon VM, 2 threads):
+// 32x512x14x14 2.54 -> 2.03 ms, 32x128x28x28 2.27 -> 1.99 ms, 32x2048x7x7 2.91 -> 2.66 ms,
+// 32x256x14x14 even. Where the output stays in the cache, as in the benchmark's forward-train
+// and backward alone, the fetch cost 3-9% at 7x7 and gained 2-10% in forward-train at 14x14;
+// the training step was even (1.147-1.171x over torch.nn against 1.155-1.175x, 3 alternating
+// process pairs of 14 steps). Evaluation does not fetch: at 32x2048x7x7 bfloat16 (by position)
+// it took 0.45 ms with the fetch in two full benchmark runs against 0.42 ms in the run before,
+// and none of its benchmarked shapes gained.
 template <typename T>
 C10_ALWAYS_INLINE void fetch_next_batch_for_write(const PlanarPlan& plan, T* out, int64_t first, int64_t n) {
   const Shape& s = plan.s;
@@ -962,7 +980,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // the AMD EPYC VM, 2 threads), so that its runs are not staged (see SharedLineStores).
     StagedStores<scalar_t> stage;
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
-    write_planar_group(plan, c0, c1, affine, 0, writer, /*fetch_output=*/!writer.stream,
+    write_planar_group(plan, c0, c1, affine, 0, writer, writer.fetch_output,
                        plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
@@ -1197,7 +1215,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     plan.for_each_group_write_centered<acc_t>(
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
-          if (!grad.stream) {
+          if (grad.fetch_output) {
             fetch_next_batch_for_write(plan, dx, run, run_length);
           }
           write_fetching_ahead(
