@@ -168,13 +168,13 @@ bool streams_output(const Shape& s, int64_t value_bytes, int64_t tensors) {
   return !short_planes && pass_bytes(s, value_bytes, tensors) >= cache_bytes();
 }
 
-// Whether a training pass that does not stream fetches its output ahead for writing
-// (fetch_next_batch_for_write): where what it moves reaches half the bound of streams_output.
-// Below that, a loop's inputs and outputs stay in the cache and the fetch only costs: module
-// forward+backward at 32x512x7x7 float32 (13 MB of x, y, dy and dx) took 0.67 ms with it
-// against 0.62 ms.
+// Whether a training pass fetches its output ahead for writing (fetch_next_batch_for_write):
+// where it writes through the cache (not streams_output) and what it moves reaches half the
+// bound of streams_output. Below that, a loop's inputs and outputs stay in the cache and the
+// fetch only costs: module forward+backward at 32x512x7x7 float32 (13 MB of x, y, dy and dx)
+// took 0.67 ms with it against 0.62 ms.
 bool fetches_output_ahead(const Shape& s, int64_t value_bytes, int64_t tensors) {
-  return pass_bytes(s, value_bytes, tensors) >= cache_bytes() / 2;
+  return !streams_output(s, value_bytes, tensors) && pass_bytes(s, value_bytes, tensors) >= cache_bytes() / 2;
 }
 
 template <typename acc_t>
@@ -579,7 +579,7 @@ struct NormalizeWriter {
                   StagedStores<scalar_t>* stage = nullptr, SharedLineStores<scalar_t>* lines = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
         slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
-        fetch_output(!stream && fetches_output_ahead(s, sizeof(scalar_t), residual ? 3 : 2)), stage(stage),
+        fetch_output(fetches_output_ahead(s, sizeof(scalar_t), residual ? 3 : 2)), stage(stage),
         lines(lines) {}
 
   template <typename M, typename P>
@@ -649,7 +649,7 @@ struct GradReader {
         grad_residual(static_cast<scalar_t*>(p.grad_residual)),
         gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0),
         stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)),
-        fetch_output(!stream && fetches_output_ahead(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
+        fetch_output(fetches_output_ahead(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
@@ -689,8 +689,7 @@ struct GradReader {
 // it took 0.45 ms with the fetch in two full benchmark runs against 0.42 ms in the run before,
 // and none of its benchmarked shapes gained.
 template <typename T>
-C10_ALWAYS_INLINE void fetch_next_batch_for_write(const PlanarPlan& plan, T* out, int64_t first, int64_t n) {
-  const Shape& s = plan.s;
+C10_ALWAYS_INLINE void fetch_next_batch_for_write(const Shape& s, T* out, int64_t first, int64_t n) {
   const int64_t next = first + s.channels * s.inner;
   if (next + n <= s.count() * s.channels) {
     prefetch_lines_for_write(reinterpret_cast<uintptr_t>(out + next), n * static_cast<int64_t>(sizeof(T)));
@@ -711,7 +710,7 @@ void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const Ch
       c0, c1, p.centered, of_group(p.mean.hi), of_group(p.mean.lo), {of_group(p.scale), of_group(p.shift)},
       [&](int64_t at, int64_t n, const auto& hi, const auto& lo, const auto& view) {
         if (fetch_output) {
-          fetch_next_batch_for_write(plan, writer.y, at, n);
+          fetch_next_batch_for_write(plan.s, writer.y, at, n);
         }
         write_fetching_ahead(FetchAhead::of<scalar_t>(writer.x + at, nullptr, fetch_distance), n,
                              [&](int64_t offset, int64_t length) {
@@ -1216,7 +1215,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
           if (grad.fetch_output) {
-            fetch_next_batch_for_write(plan, dx, run, run_length);
+            fetch_next_batch_for_write(s, dx, run, run_length);
           }
           write_fetching_ahead(
               FetchAhead::of(x + run, dy + run, fetch_distance), run_length, [&](int64_t offset, int64_t len) {
