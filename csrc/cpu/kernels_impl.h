@@ -90,6 +90,15 @@ constexpr int64_t kDefaultL3Bytes = 32 << 20;
 // step, where the next layer reads them, was slower so, 1.12-1.13x over torch.nn against
 // 1.14-1.17x (5 runs of each cap in alternating processes), and what the step loses is what
 // users train with: the cap stays.
+// The L3 is glibc's sysconf figure, which on one AMD EPYC (Zen 3) VM was 256 MiB, the socket's,
+// where Linux's sysfs reported each core complex's 32 MiB: there the bound is 48 MiB too. On that
+// VM 24 MiB streamed the forward passes over 12.8 MB tensors too: NCHW evaluation at
+// 32x128x28x28 0.77x as fast as torch.nn's, against 1.16-1.43x with 48 MiB; 32 MiB, streaming
+// only the backward passes over them, was a little ahead of 48 MiB in channels-last and even
+// elsewhere (float32 geometric means over torch.nn, 2 alternating benchmark runs of each:
+// channels-last forward+backward 1.23-1.30x against 1.19-1.23x, the training step 1.16-1.19x
+// against 1.15-1.19x). Two runs on one VM whose speed moves by tens of percent between runs do
+// not settle a bound the other VMs measured, so what glibc reports stays the source.
 // TORCH_BN_STREAM_BYTES, read once, sets the bound in bytes instead: for inputs sized around a
 // known bound (the tests of the streamed passes), and for measuring another bound on a new
 // machine without rebuilding.
