@@ -577,8 +577,6 @@ struct NormalizeWriter {
   SignBitWriter signs;
   acc_t slope;
   bool stream;
-  // Whether a training pass fetches the output ahead (see fetches_output_ahead).
-  bool fetch_output;
   // What streams runs that are not whole lines (one or neither), where they are not written
   // through the cache: see forward_train_planar and normalize_impl.
   StagedStores<scalar_t>* stage;
@@ -587,9 +585,11 @@ struct NormalizeWriter {
   NormalizeWriter(const scalar_t* x, scalar_t* y, const Shape& s, const Epilogue& e,
                   StagedStores<scalar_t>* stage = nullptr, SharedLineStores<scalar_t>* lines = nullptr)
       : x(x), y(y), residual(static_cast<const scalar_t*>(e.residual)), activation(e.mask != nullptr), signs(e.mask),
-        slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), residual ? 3 : 2)),
-        fetch_output(fetches_output_ahead(s, sizeof(scalar_t), residual ? 3 : 2)), stage(stage),
-        lines(lines) {}
+        slope(static_cast<acc_t>(e.slope)), stream(streams_output(s, sizeof(scalar_t), pass_tensors(e))),
+        stage(stage), lines(lines) {}
+
+  // The tensors a normalize pass moves: x and y, and a fused residual.
+  static int64_t pass_tensors(const Epilogue& e) { return e.residual ? 3 : 2; }
 
   template <typename M, typename P>
   void write(int64_t first, int64_t n, const M& hi, const M& lo, const P& scale, const P& shift) {
@@ -650,15 +650,15 @@ struct GradReader {
   std::vector<acc_t> gated;
   // Whether the passes' outputs (the input's and the residual's gradients) are streamed.
   bool stream;
-  // Whether the input gradient's pass fetches it ahead (see fetches_output_ahead).
-  bool fetch_output;
 
   GradReader(const scalar_t* dy, const Shape& s, const GradPrologue& p)
       : dy(dy), mask(p.mask), slope(static_cast<acc_t>(p.slope)),
         grad_residual(static_cast<scalar_t*>(p.grad_residual)),
         gated(grad_residual ? chunk_buffer_size<scalar_t, acc_t>() : 0),
-        stream(streams_output(s, sizeof(scalar_t), grad_residual ? 4 : 3)),
-        fetch_output(fetches_output_ahead(s, sizeof(scalar_t), grad_residual ? 4 : 3)) {}
+        stream(streams_output(s, sizeof(scalar_t), pass_tensors(p))) {}
+
+  // The tensors a gradient pass moves: x, dy and dx, and a fused residual's gradient.
+  static int64_t pass_tensors(const GradPrologue& p) { return p.grad_residual ? 4 : 3; }
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
@@ -961,6 +961,8 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
                           double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const PlanarPlan plan(s, sizeof(scalar_t));
+  const bool fetch_output =
+      fetches_output_ahead(s, sizeof(scalar_t), NormalizeWriter<scalar_t>::pass_tensors(epilogue));
   plan.for_each_group([&](int64_t c0, int64_t c1, bool next) {
     const int64_t channels = c1 - c0;
     const auto moments =
@@ -988,7 +990,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // the AMD EPYC VM, 2 threads), so that its runs are not staged (see SharedLineStores).
     StagedStores<scalar_t> stage;
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
-    write_planar_group(plan, c0, c1, affine, 0, writer, writer.fetch_output,
+    write_planar_group(plan, c0, c1, affine, 0, writer, fetch_output,
                        plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
@@ -1179,6 +1181,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(s.count());
   const PlanarPlan plan(s, 2 * sizeof(scalar_t));
+  const bool fetch_output = fetches_output_ahead(s, sizeof(scalar_t), GradReader<scalar_t>::pass_tensors(prologue));
   // Flattened, so that the write pass's per-run lambdas are one loop: GCC left the run's write
   // out of line, a call per plane whose closure it read back as 16-byte loads of two 8-byte
   // stores, a failed store forward per plane (in a profile, the instruction after that load took
@@ -1223,7 +1226,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     plan.for_each_group_write_centered<acc_t>(
         c0, c1, centered, hi, lo, {k1, k2, k3},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
-          if (grad.fetch_output) {
+          if (fetch_output) {
             fetch_next_batch_for_write(s, dx, run, run_length);
           }
           write_fetching_ahead(
