@@ -10,7 +10,8 @@ COPY = "copy"
 
 def case_rows(case: Case, times: Dict[Hashable, List[float]]) -> List[dict]:
     """One row per (mode, impl) timed on ``case``. ``times`` maps (mode, impl) and COPY to the
-    per-repeat seconds; a row's time is their median."""
+    per-repeat seconds; a row's time is their median. A row keeps every round, the copy's too,
+    so that other statistics can be computed from a run's results later."""
     copy_seconds = statistics.median(times[COPY])
     median = {key: statistics.median(values) for key, values in times.items() if key != COPY}
     rows = []
@@ -27,6 +28,7 @@ def case_rows(case: Case, times: Dict[Hashable, List[float]]) -> List[dict]:
                 "ms": seconds * 1e3,
                 "repeats_ms": [s * 1e3 for s in times[(mode, impl)]],
                 "copy_ms": copy_seconds * 1e3,
+                "copy_repeats_ms": [s * 1e3 for s in times[COPY]],
                 "gb_per_s": traffic * case.bytes() / seconds / 1e9,
                 # A copy of x moves COPY_TRAFFIC * S; scale it to the mode's minimal traffic.
                 "ratio_to_copy": seconds / (copy_seconds * traffic / COPY_TRAFFIC),

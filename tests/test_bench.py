@@ -56,6 +56,16 @@ def test_rows_scale_the_copy_to_the_modes_minimal_bytes():
     assert peer["ratio_to_copy"] == pytest.approx(3.0)
 
 
+def test_rows_keep_every_round_of_their_own_and_of_the_copy():
+    case = Case((32, 64, 56, 56), 6, "float32", "NCHW")
+    times = {metrics.COPY: [0.010, 0.030, 0.011], ("forward-train", "torch_bn"): [0.012, 0.009, 0.040]}
+    (row,) = metrics.case_rows(case, times)
+    assert row["repeats_ms"] == pytest.approx([12.0, 9.0, 40.0])
+    assert row["copy_repeats_ms"] == pytest.approx([10.0, 30.0, 11.0])
+    assert row["ms"] == pytest.approx(12.0)
+    assert row["copy_ms"] == pytest.approx(11.0)
+
+
 def test_summary_takes_geometric_means_over_shapes():
     rows = synthetic_rows(10.0, 40.0, 10.0) + synthetic_rows(10.0, 10.0, 10.0, shape=(32, 256, 14, 14))
     (group,) = metrics.summarize(rows)
