@@ -13,6 +13,7 @@ def case_rows(case: Case, times: Dict[Hashable, List[float]]) -> List[dict]:
     per-repeat seconds; a row's time is their median. A row keeps every round, the copy's too,
     so that other statistics can be computed from a run's results later."""
     copy_seconds = statistics.median(times[COPY])
+    copy_rounds_ms = [s * 1e3 for s in times[COPY]]
     median = {key: statistics.median(values) for key, values in times.items() if key != COPY}
     rows = []
     for (mode, impl), seconds in median.items():
@@ -28,7 +29,7 @@ def case_rows(case: Case, times: Dict[Hashable, List[float]]) -> List[dict]:
                 "ms": seconds * 1e3,
                 "repeats_ms": [s * 1e3 for s in times[(mode, impl)]],
                 "copy_ms": copy_seconds * 1e3,
-                "copy_repeats_ms": [s * 1e3 for s in times[COPY]],
+                "copy_repeats_ms": copy_rounds_ms,
                 "gb_per_s": traffic * case.bytes() / seconds / 1e9,
                 # A copy of x moves COPY_TRAFFIC * S; scale it to the mode's minimal traffic.
                 "ratio_to_copy": seconds / (copy_seconds * traffic / COPY_TRAFFIC),
