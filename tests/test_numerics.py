@@ -290,3 +290,46 @@ def test_nan_input_matches_torch(layout, training, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
     # The NaN stays in its channel, in training and in evaluation.
     assert results["ours"][0].isnan().any(dim=(0, 2, 3)).tolist() == [False, False, True, False]
+
+
+def float32_of_bits(bits: int) -> torch.Tensor:
+    """The float32 scalar whose IEEE bits are ``bits`` (an unsigned 32-bit pattern)."""
+    return torch.tensor(bits - (1 << 32) if bits >= 1 << 31 else bits, dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000], ids=hex)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_nan_weight_of_any_bits_gives_nan_in_half_types(dtype, layout, training, bits, device):
+    """A float32 weight that is NaN makes its channel's output and input gradient NaN in a half
+    type, whatever the NaN's bits, as in torch.nn. Rounding float to bfloat16 adds to the bits:
+    a NaN whose low 16 bits are set and whose mantissa is all ones above them would carry out of
+    the exponent and come out as a zero, unless NaN is kept apart (an input NaN cannot show
+    this: widened from a half type, its low bits are zero)."""
+    nan = float32_of_bits(bits)
+    assert nan.isnan() and nan.view(torch.int32).item() & 0xFFFFFFFF == bits
+    x = torch.randn(8, 4, 6, 6, device=device).to(dtype).contiguous(memory_format=LAYOUTS[layout])
+    grad_output = torch.randn_like(x)
+    ours = torch_bn.BatchNorm2d(4).to(device).train(training)
+    ref = torch.nn.BatchNorm2d(4).to(device).train(training)
+    with torch.no_grad():
+        ours.weight[2] = nan
+        assert ours.weight.view(torch.int32)[2].item() == nan.view(torch.int32).item()
+    ref.load_state_dict(ours.state_dict())
+    results = {}
+    for name, bn in (("ours", ours), ("ref", ref)):
+        x_grad = x.clone().requires_grad_()
+        y = bn(x_grad)
+        y.backward(grad_output)
+        results[name] = {"output": y, "input gradient": x_grad.grad}
+    failures = []
+    for name, ours_result in results["ours"].items():
+        assert ours_result.dtype == dtype
+        all_nan = ours_result.isnan().all(dim=(0, 2, 3)).tolist()
+        any_nan = ours_result.isnan().any(dim=(0, 2, 3)).tolist()
+        if not all_nan == any_nan == [False, False, True, False]:
+            failures.append(f"{name}: channels all NaN {all_nan}, with a NaN {any_nan}")
+        elif not torch.equal(ours_result.isnan(), results["ref"][name].isnan()):
+            failures.append(f"{name}: NaN where torch.nn has none")
+    assert not failures, "; ".join(failures)
