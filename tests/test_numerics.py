@@ -331,5 +331,5 @@ def test_nan_weight_of_any_bits_gives_nan_in_half_types(dtype, layout, training,
         if not all_nan == any_nan == [False, False, True, False]:
             failures.append(f"{name}: channels all NaN {all_nan}, with a NaN {any_nan}")
         elif not torch.equal(ours_result.isnan(), results["ref"][name].isnan()):
-            failures.append(f"{name}: NaN where torch.nn has none")
+            failures.append(f"{name}: its NaNs are not where torch.nn's are")
     assert not failures, "; ".join(failures)
