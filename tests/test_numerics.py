@@ -269,6 +269,14 @@ def test_empty_batch_matches_torch(layout, training, device):
     assert ours.num_batches_tracked.item() == (1 if training else 0)
 
 
+def output_and_input_grad(bn, x, grad_output):
+    """bn's output on a copy of x, and the gradient that grad_output sends back to that copy."""
+    x_grad = x.clone().requires_grad_()
+    y = bn(x_grad)
+    y.backward(grad_output)
+    return y, x_grad.grad
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_nan_input_matches_torch(layout, training, device):
@@ -281,20 +289,13 @@ def test_nan_input_matches_torch(layout, training, device):
     grad_output = torch.randn_like(x)
     results = {}
     for name, bn in (("ours", ours), ("ref", ref)):
-        x_grad = x.clone().requires_grad_()
-        y = bn(x_grad)
-        y.backward(grad_output)
-        results[name] = [y, x_grad.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+        y, x_grad = output_and_input_grad(bn, x, grad_output)
+        results[name] = [y, x_grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
     for index, (a, b) in enumerate(zip(results["ours"], results["ref"])):
         assert torch.equal(a.isnan(), b.isnan()), f"result {index}: NaN in different places"
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, equal_nan=True)
     # The NaN stays in its channel, in training and in evaluation.
     assert results["ours"][0].isnan().any(dim=(0, 2, 3)).tolist() == [False, False, True, False]
-
-
-def float32_of_bits(bits: int) -> torch.Tensor:
-    """The float32 scalar whose IEEE bits are ``bits`` (an unsigned 32-bit pattern)."""
-    return torch.tensor(bits - (1 << 32) if bits >= 1 << 31 else bits, dtype=torch.int32).view(torch.float32)
 
 
 @pytest.mark.parametrize("bits", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000], ids=hex)
@@ -307,7 +308,7 @@ def test_nan_weight_of_any_bits_gives_nan_in_half_types(dtype, layout, training,
     a NaN whose low 16 bits are set and whose mantissa is all ones above them would carry out of
     the exponent and come out as a zero, unless NaN is kept apart (an input NaN cannot show
     this: widened from a half type, its low bits are zero)."""
-    nan = float32_of_bits(bits)
+    nan = torch.tensor(bits, dtype=torch.uint32).view(torch.float32)
     assert nan.isnan() and nan.view(torch.int32).item() & 0xFFFFFFFF == bits
     x = torch.randn(8, 4, 6, 6, device=device).to(dtype).contiguous(memory_format=LAYOUTS[layout])
     grad_output = torch.randn_like(x)
@@ -319,10 +320,8 @@ def test_nan_weight_of_any_bits_gives_nan_in_half_types(dtype, layout, training,
     ref.load_state_dict(ours.state_dict())
     results = {}
     for name, bn in (("ours", ours), ("ref", ref)):
-        x_grad = x.clone().requires_grad_()
-        y = bn(x_grad)
-        y.backward(grad_output)
-        results[name] = {"output": y, "input gradient": x_grad.grad}
+        y, x_grad = output_and_input_grad(bn, x, grad_output)
+        results[name] = {"output": y, "input gradient": x_grad}
     failures = []
     for name, ours_result in results["ours"].items():
         assert ours_result.dtype == dtype
