@@ -120,20 +120,24 @@ def test_pieces_far_apart_merge_exactly_on_cpu(layout):
         check_batch_statistics(bn, x.double(), mean_bound=2e-7, var_rtol=5e-7)
 
 
+# Channels-last bfloat16 with a multiple of 16 channels reads its per-channel values in the
+# lanes of 16-value steps (PerChannelSteps on AVX2), 5 channels a vector at a time. A mean of 2
+# is folded into the shift, one of 50 stays in the loops (`centered`).
+@pytest.mark.parametrize("channels, mean", [(5, 2.0), (32, 2.0), (32, 50.0)], ids=["5ch", "32ch", "32ch-mean50"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_types_round_once(dtype, layout, training, device):
+def test_half_types_round_once(dtype, layout, training, channels, mean, device):
     """Half-type results are the float64 result of the same (rounded) data, rounded once."""
-    x = (torch.randn(6, 5, 7, 3) * 3 + 2).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
+    x = (torch.randn(6, channels, 7, 3) * 3 + mean).to(device, dtype).contiguous(memory_format=LAYOUTS[layout])
     grad_output = torch.randn_like(x)
-    bn = torch_bn.BatchNorm2d(5).to(device).train(training)
+    bn = torch_bn.BatchNorm2d(channels).to(device).train(training)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-1, 1)
-        bn.running_mean.uniform_(1, 3)
+        bn.running_mean.uniform_(mean - 1, mean + 1)
         bn.running_var.uniform_(5, 12)
-    reference = torch.nn.BatchNorm2d(5).to(device).double().train(training)
+    reference = torch.nn.BatchNorm2d(channels).to(device).double().train(training)
     reference.load_state_dict(bn.state_dict())
 
     x_ours, x_ref = x.clone().requires_grad_(), x.double().requires_grad_()

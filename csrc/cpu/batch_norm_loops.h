@@ -86,7 +86,8 @@ inline Vectorized<acc_t> load(const T* src) {
 // for 2·V values where widening V contiguous values takes two (a lane-crossing zero extension
 // and a shift); and store_step narrows the odd lanes without a shift and merges the halves with
 // one blend, where a contiguous pair needs a pack and a lane-crossing permute. Only loops whose
-// per-channel values are the same in every lane (kSameInEveryLane) read steps, and only where
+// per-channel values are the same in every lane (kSameInEveryLane), or that write and whose
+// per-channel values are read in the steps' lanes too (kStepLanes), read steps, and only where
 // the lanes are reordered (kParitySteps): elsewhere a step would be two plain vectors, and the
 // float32 loops keep their vector code (given steps too, its input-gradient pass was no longer
 // inlined into the planar loop, a call per plane). In a standalone loop over L2-resident data
@@ -527,6 +528,7 @@ struct Uniform {
   Vectorized<acc_t> vec(int64_t /*i*/) const { return Vectorized<acc_t>(value); }
   acc_t operator[](int64_t /*i*/) const { return value; }
   Uniform from(int64_t /*offset*/) const { return *this; }
+  const Uniform& parity(int /*h*/) const { return *this; }
 };
 
 template <typename acc_t>
@@ -536,6 +538,32 @@ struct PerChannel {
   acc_t operator[](int64_t i) const { return values[i]; }
   PerChannel from(int64_t offset) const { return {values + offset}; }
 };
+
+// A PerChannel whose runs may also be read a step at a time in load_step's lanes (channels-last
+// bfloat16): `in_steps` holds the same values, each 2·V of them as their even-indexed ones, then
+// their odd-indexed ones (in_step_lanes), so that parity(h) gives a step's even (h = 0) or odd
+// (h = 1) values their coefficients with one load. A run starts at a multiple of 2·V channels.
+template <typename acc_t>
+struct PerChannelSteps {
+  const acc_t* values;
+  const acc_t* in_steps;
+  Vectorized<acc_t> vec(int64_t i) const { return Vectorized<acc_t>::loadu(values + i); }
+  acc_t operator[](int64_t i) const { return values[i]; }
+  PerChannelSteps from(int64_t offset) const { return {values + offset, in_steps + offset}; }
+  PerChannel<acc_t> parity(int h) const { return {in_steps + h * Vectorized<acc_t>::size()}; }
+};
+
+// `values` (n of them, a multiple of 2·V) into `out` in PerChannelSteps::in_steps's order.
+template <typename acc_t>
+void in_step_lanes(const acc_t* values, int64_t n, acc_t* out) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  for (int64_t step = 0; step < n; step += 2 * V) {
+    for (int64_t lane = 0; lane < V; ++lane) {
+      out[step + lane] = values[step + 2 * lane];
+      out[step + V + lane] = values[step + 2 * lane + 1];
+    }
+  }
+}
 
 // Reductions run kUnroll vectors per step; a running total keeps one accumulator per slot, so
 // the adds form kUnroll independent chains instead of one that waits on each add's latency.
@@ -630,6 +658,7 @@ inline int64_t for_each_vector(int64_t n, const F& vector_step, const G& pair_st
 template <typename acc_t>
 struct Zero {
   Zero from(int64_t /*offset*/) const { return *this; }
+  const Zero& parity(int /*h*/) const { return *this; }
 };
 
 // Whether a per-channel source reads the same in every lane of a run (a planar run's channel),
@@ -640,6 +669,14 @@ template <typename acc_t>
 constexpr bool kSameInEveryLane<Uniform<acc_t>> = true;
 template <typename acc_t>
 constexpr bool kSameInEveryLane<Zero<acc_t>> = true;
+
+// Whether a per-channel source gives each of load_step's lanes its own channel's values
+// (parity(h)), so that loops that write may read steps: those the same in every lane, and
+// PerChannelSteps. The reductions of a run into one total take the former alone.
+template <typename P>
+constexpr bool kStepLanes = kSameInEveryLane<P>;
+template <typename acc_t>
+constexpr bool kStepLanes<PerChannelSteps<acc_t>> = true;
 
 // The mean enters as hi + lo (two acc_t values whose sum is the double-precision mean), so
 // (x - hi) - lo keeps the low bits that a float mean would drop: with mean 1e4 and std 1e-2
@@ -998,7 +1035,7 @@ inline void grad_input(D dy, const T* x, T* dx, int64_t n, bool stream, M hi, M 
   const auto scalar_value = [&](int64_t i) {
     return acc_t(dy[i] * k1[i] - centered(static_cast<acc_t>(x[i]), hi, lo, i) * k2[i] - k3[i]);
   };
-  if constexpr (kParitySteps<T> && D::kSteps && kSameInEveryLane<M> && kSameInEveryLane<P>) {
+  if constexpr (kParitySteps<T> && D::kSteps && kStepLanes<M> && kStepLanes<P>) {
     // vector_value's formula on each half of the step. A helper shared by both made GCC stop
     // inlining float32's write pass into its planar loop (a call per plane), which takes no
     // steps.
@@ -1007,8 +1044,8 @@ inline void grad_input(D dy, const T* x, T* dx, int64_t n, bool stream, M hi, M 
       const auto x_values = load_step<acc_t>(x + i);
       std::array<Vectorized<acc_t>, 2> out;
       for (int half = 0; half < 2; ++half) {
-        const Vectorized<acc_t> d = centered(x_values[half], hi, lo, i);
-        out[half] = g[half] * k1.vec(i) - d * k2.vec(i) - k3.vec(i);
+        const Vectorized<acc_t> d = centered(x_values[half], hi.parity(half), lo.parity(half), i);
+        out[half] = g[half] * k1.parity(half).vec(i) - d * k2.parity(half).vec(i) - k3.parity(half).vec(i);
       }
       return out;
     });
@@ -1261,11 +1298,15 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
     return signs_of_v;
   };
   // Writes values [i, i + kStep) and returns their signs; without signs to record, from
-  // load_step's lanes where the coefficients are the same in all of them.
+  // load_step's lanes where the coefficients can be read in those (kStepLanes).
   const auto step = [&](int64_t i) {
-    if constexpr (kParitySteps<T> && !kActivation && kSameInEveryLane<M> && kSameInEveryLane<P>) {
+    if constexpr (kParitySteps<T> && !kActivation && kStepLanes<M> && kStepLanes<P>) {
       const auto x_values = load_step<acc_t>(x + i);
-      std::array<Vec, 2> out{affine(x_values[0], i), affine(x_values[1], i)};
+      std::array<Vec, 2> out;
+      for (int half = 0; half < 2; ++half) {
+        out[half] = at::vec::fmadd(centered(x_values[half], hi.parity(half), lo.parity(half), i),
+                                   scale.parity(half).vec(i), shift.parity(half).vec(i));
+      }
       if constexpr (kResidual) {
         const auto residual_values = load_step<acc_t>(residual + i);
         out[0] = out[0] + residual_values[0];
