@@ -18,9 +18,10 @@ from torch_bn import ops
 ACTIVATIONS = ["identity", "relu", "leaky_relu"]
 SLOPE = 0.2
 SHAPE = (4, 3, 5, 6)
-# Planes of 32 values or more: the bfloat16 NCHW loops read them 16 values at a time, by parity
-# on AVX2, where SHAPE's 30-value planes are read a vector at a time.
-LONG_PLANES_SHAPE = (2, 3, 8, 8)
+# Planes of 32 values or more, and 16 channels: the bfloat16 loops read 16 values at a time, by
+# parity on AVX2 (channels-last where C is a multiple of 16), where SHAPE's 30-value planes and 3
+# channels are read a vector at a time.
+LONG_PLANES_SHAPE = (2, 16, 8, 8)
 # Tolerances of the fused results against the torch.nn composition run in the same dtype
 # (half types: against float32, since torch_bn rounds once and torch.nn after every op).
 TOLERANCES = {
@@ -84,11 +85,13 @@ def assert_grads_close(actual, expected, tolerance, names):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["noresidual", "residual"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", [SHAPE, LONG_PLANES_SHAPE], ids=["planes30", "planes64"])
+@pytest.mark.parametrize("shape", [SHAPE, LONG_PLANES_SHAPE], ids=["3ch-planes30", "16ch-planes64"])
 def test_module_matches_torch_nn_composition(shape, activation, with_residual, channels_last, dtype, training, device):
     reference_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    fused, reference = pair(torch_bn.BatchNormAct2d, torch.nn.BatchNorm2d, 3, activation, device, dtype=param_dtype)
+    fused, reference = pair(
+        torch_bn.BatchNormAct2d, torch.nn.BatchNorm2d, shape[1], activation, device, dtype=param_dtype
+    )
     fused.train(training)
     reference.train(training)
     x = leaf(random_input(shape, dtype, device, channels_last))
