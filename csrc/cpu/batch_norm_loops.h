@@ -1132,10 +1132,10 @@ inline uint32_t mask_bits(const uint8_t* mask, int64_t bit, int count) {
 // Where the loops read dy from: the values of a run, in any floating dtype, widened in registers.
 template <typename acc_t, typename T>
 struct Values {
-  // Whether step(i) reads values i .. i + 2·V - 1 in the lanes by parity that the loops read x
-  // in (kParitySteps): only where the values are of that type. A float dz (the residual's
-  // gradient, gathered in the accumulation type) beside bfloat16 x has its steps as two plain
-  // vectors, and read so each dz met another position's x.
+  // Whether step(i) reads values i .. i + 2·V - 1 in load_step's lanes by parity, the lanes the
+  // loops read x in: only where the values are of a type read so (kParitySteps). A float dz (the
+  // residual's gradient, gathered in the accumulation type) has plain steps, two contiguous
+  // vectors: read as steps beside bfloat16 x, each dz met another position's x.
   static constexpr bool kSteps = kParitySteps<T>;
   const T* values;
   Vectorized<acc_t> vec(int64_t i) const { return load<acc_t>(values + i); }
