@@ -568,7 +568,8 @@ class ChannelArrays {
 
 // Calls use(source_of), source_of(k, position) the per-channel source of arrays[k] (n values
 // each, per-channel values tiled over rows of C channels) for a run of the rows layout at
-// `position`. Where the write loops read bfloat16 steps (kParitySteps) and every run starts at a
+// `position`. Where the caller's write loops will read steps (`reads_steps`: not where they
+// record signs or gate dy by them), read bfloat16 steps (kParitySteps) and every run starts at a
 // multiple of 2·V channels (C a multiple of 2·V; runs start at multiples of kChunk in a group of
 // rows), PerChannelSteps, whose step-lane copies are made here: a step then widens its 2·V
 // values with a shift and a mask and narrows them with one blend, where two vectors of 8 take
@@ -579,12 +580,12 @@ class ChannelArrays {
 // bitwise as before.
 template <typename scalar_t, size_t K, typename F>
 void with_row_sources(const std::array<const at::opmath_type<scalar_t>*, K>& arrays, int64_t n, int64_t C,
-                      const F& use) {
+                      bool reads_steps, const F& use) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (kParitySteps<scalar_t>) {
     constexpr int64_t kStepValues = 2 * Vectorized<acc_t>::size();
     static_assert(kChunk % kStepValues == 0, "runs start at multiples of a step");
-    if (C % kStepValues == 0) {
+    if (reads_steps && C % kStepValues == 0) {
       ChannelArrays<acc_t> in_steps(n, static_cast<int>(K));
       for (const auto k : c10::irange(K)) {
         in_step_lanes(arrays[k], n, in_steps[static_cast<int>(k)]);
@@ -818,7 +819,10 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
       });
     };
     const std::array<const acc_t*, 4> arrays{p.mean.hi.data(), p.mean.lo.data(), p.scale.data(), p.shift.data()};
-    with_row_sources<scalar_t>(arrays, static_cast<int64_t>(p.scale.size()), s.channels, [&](const auto& source_of) {
+    const int64_t tiled = static_cast<int64_t>(p.scale.size());
+    // normalize_run reads steps where it records no signs.
+    const bool reads_steps = !epilogue.mask;
+    with_row_sources<scalar_t>(arrays, tiled, s.channels, reads_steps, [&](const auto& source_of) {
       if (p.centered) {
         write_rows(source_of, source_of);
       } else {
@@ -1361,7 +1365,9 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
   // Each coefficient is a load per vector: folded means are not read at all.
   const std::array<const acc_t*, 5> arrays{coefficients[0], coefficients[1], coefficients[2], coefficients[3],
                                            coefficients[4]};
-  with_row_sources<scalar_t>(arrays, C, C, [&](const auto& coefficient_of) {
+  // grad_input reads steps of plain dy (not gated by a mask); scale_by reads none.
+  const bool reads_steps = training && !prologue.mask;
+  with_row_sources<scalar_t>(arrays, C, C, reads_steps, [&](const auto& coefficient_of) {
     if (centered) {
       write_dx(coefficient_of, coefficient_of);
     } else {
