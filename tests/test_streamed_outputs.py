@@ -42,6 +42,12 @@ SLICES = 4
 # fetched ahead (fetches_output_ahead), in 14x14 planes and in 7x7 rows.
 FETCHED_SHAPES = [(8, 896, 14, 14), (32, 896, 7, 7)]
 
+# channels-last float32 (N, C, H, W) whose x alone reaches the bound: the forward statistics read
+# its rows, of at most 1 KiB, in memory order, two at a time (forward_train_rows). 112 channels
+# leave 9-row groups, so that blocks of odd row counts end on one row; 83 channels end each row
+# on scalar columns.
+ROW_WALK_SHAPES = [(20, 112, 56, 56), (24, 83, 61, 71)]
+
 
 def random_input(shape, dtype, layout):
     n, c, h, w = shape
@@ -112,6 +118,14 @@ def test_training_matches_float64(shape, dtype, layout):
 def test_training_that_fetches_the_input_gradient_matches_float64(shape, dtype):
     x = random_input(shape, dtype, "contiguous")
     assert CACHE_BYTES // 2 <= 3 * x.numel() * x.element_size() < CACHE_BYTES
+    assert_training_matches_float64(x)
+
+
+@pytest.mark.parametrize("shape", ROW_WALK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_that_reads_rows_in_memory_order_matches_float64(shape):
+    x = random_input(shape, torch.float32, "channels_last")
+    assert x.numel() * x.element_size() >= CACHE_BYTES
+    assert x.shape[1] * x.element_size() <= 1024
     assert_training_matches_float64(x)
 
 
