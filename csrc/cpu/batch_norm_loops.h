@@ -1292,11 +1292,14 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
   constexpr bool kActivation = !std::is_same_v<Act, NoActivation>;
   static_assert(32 % kStep == 0, "a 32-bit word of signs holds whole steps");
   const RunStores stores(y, n * static_cast<int64_t>(sizeof(T)), stream);
-  const auto affine = [&](const Vec& x_values, int64_t i) {
-    return at::vec::fmadd(centered(x_values, hi, lo, i), scale.vec(i), shift.vec(i));
+  // ((x - hi) - lo) · scale + shift at i from the given per-channel sources: the run's own, or
+  // (a step's half) their parity(half).
+  const auto affine = [&](const Vec& x_values, int64_t i, const auto& hi_of, const auto& lo_of, const auto& scale_of,
+                          const auto& shift_of) {
+    return at::vec::fmadd(centered(x_values, hi_of, lo_of, i), scale_of.vec(i), shift_of.vec(i));
   };
   const auto value = [&](int64_t i) {
-    const Vec v = affine(load<acc_t>(x + i), i);
+    const Vec v = affine(load<acc_t>(x + i), i, hi, lo, scale, shift);
     if constexpr (kResidual) {
       return v + load<acc_t>(residual + i);
     } else {
@@ -1319,8 +1322,7 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
       const auto x_values = load_step<acc_t>(x + i);
       std::array<Vec, 2> out;
       for (int half = 0; half < 2; ++half) {
-        out[half] = at::vec::fmadd(centered(x_values[half], hi.parity(half), lo.parity(half), i),
-                                   scale.parity(half).vec(i), shift.parity(half).vec(i));
+        out[half] = affine(x_values[half], i, hi.parity(half), lo.parity(half), scale.parity(half), shift.parity(half));
       }
       if constexpr (kResidual) {
         const auto residual_values = load_step<acc_t>(residual + i);
