@@ -1089,7 +1089,6 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
   // rounds, AMD EPYC Zen 3 VM, 2 threads). From the cache (25.7 MB) it was 0.85-0.93x as fast as
   // strips, and bfloat16, widened as it is read, 0.92-1.05x; in a standalone loop rows of 2 KiB
   // were slower than strips.
-  constexpr int64_t kLineColumns = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const bool by_rows = std::is_same_v<scalar_t, acc_t> &&
                        C * static_cast<int64_t>(sizeof(scalar_t)) <= kMaxRowWalkBytes &&
                        pass_bytes(s, sizeof(scalar_t), /*tensors=*/1) >= cache_bytes();
@@ -1110,6 +1109,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     // per call: forward-train there 1.06x faster with runs, 1.01-1.04x at 32x1024x14x14,
     // 32x512x28x28 and 32x512x14x14, and 1.02x at 32x64x56x56, which has no far block (medians
     // of 21 interleaved rounds in one process, AMD EPYC Zen 3 VM, 2 threads).
+    constexpr int64_t kLineColumns = kLineBytes / static_cast<int64_t>(sizeof(scalar_t));
     std::vector<std::pair<int64_t, int64_t>> far_runs;
     const auto note_far = [&](int64_t c) {
       if (!far_runs.empty() && c - far_runs.back().second <= kLineColumns) {
