@@ -102,7 +102,11 @@ constexpr int64_t kDefaultL3Bytes = 32 << 20;
 // elsewhere (float32 geometric means over torch.nn, 2 alternating benchmark runs of each:
 // channels-last forward+backward 1.23-1.30x against 1.19-1.23x, the training step 1.16-1.19x
 // against 1.15-1.19x). Two runs on one VM whose speed moves by tens of percent between runs do
-// not settle a bound the other VMs measured, so what glibc reports stays the source.
+// not settle a bound the other VMs measured, so what glibc reports stays the source. Two more
+// pairs on that VM later (2026-12-06) bore it out: 32 MiB took channels-last backward to
+// 1.20x over torch.nn from 1.10x and forward+backward to 1.25-1.26x from 1.17-1.18x, in the
+// benchmark's loops, which read the same x and dy call after call, but the training step, whose
+// next layer reads dx, fell to 1.10-1.15x from 1.15-1.17x.
 // TORCH_BN_STREAM_BYTES, read once, sets the bound in bytes instead: for inputs sized around a
 // known bound (the tests of the streamed passes), and for measuring another bound on a new
 // machine without rebuilding.
