@@ -86,3 +86,24 @@ def test_exported_net_matches_eager(training, device):
     assert exported_buffers.keys() == dict(eager.named_buffers()).keys()
     for name, b_eager in eager.named_buffers():
         assert_matches(exported_buffers[name], b_eager, name)
+
+
+def test_traced_eval_gradients_read_the_statistics_they_are_given(device):
+    # Evaluation's autograd kernel builds the statistics its backward takes from the running
+    # statistics; under make_fx those ops must be traced from the graph's inputs, not read once
+    # and baked into the graph as the tracing call's values.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def gradients(x, weight, running_mean, running_var):
+        y = torch.ops.torch_bn.forward_eval.default(x, weight, None, running_mean, running_var, 1e-5)
+        return torch.autograd.grad(y.square().sum(), (x, weight))
+
+    def inputs():
+        x = (torch.randn(4, 3, 5, 5, device=device) * 2 + 0.5).requires_grad_()
+        weight = (torch.rand(3, device=device) + 0.5).requires_grad_()
+        return x, weight, torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+
+    traced = make_fx(gradients)(*inputs())
+    fresh = inputs()
+    for actual, expected, name in zip(traced(*fresh), gradients(*fresh), ("grad_input", "grad_weight")):
+        assert_matches(actual, expected, name)

@@ -202,6 +202,31 @@ def test_buffer_versions_move_as_torch_nn(training, device):
     assert moved[0][2] == (2 if training else 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_gradients_use_the_statistics_of_their_forward(dtype, device):
+    # Evaluation saves a copy of the running statistics for its backward, so changing the
+    # buffers in place before the backward runs (torch.nn raises there, its saved buffers'
+    # versions having moved) leaves the gradients those of the statistics the forward used.
+    ours, _ref = make_pair(2, 3, device, dtype)
+    ours.eval()
+    x = make_input((4, 3, 5, 5), dtype, device)
+    grad_output = torch.randn_like(x)
+
+    def input_grad(change_buffers):
+        x_grad = x.clone().requires_grad_()
+        y = ours(x_grad)
+        if change_buffers:
+            with torch.no_grad():
+                ours.running_mean.add_(1.0)
+                ours.running_var.mul_(4.0)
+        y.backward(grad_output)
+        return x_grad.grad
+
+    expected = input_grad(change_buffers=False)
+    assert torch.equal(input_grad(change_buffers=True), expected)
+    assert not torch.equal(input_grad(change_buffers=False), expected), "the buffers' change had no effect"
+
+
 class Doubled(torch.nn.Module):
     def forward(self, tensor):
         return 2 * tensor

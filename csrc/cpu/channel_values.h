@@ -3,12 +3,23 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/irange.h>
 
 #include <optional>
 #include <vector>
 
 namespace torch_bn::cpu {
+
+// Whether t's values can be read here, outside a backend kernel (in an autograd kernel): a plain
+// dense CPU tensor and no TorchDispatchMode. A fake or functional tensor, a batched one (vmap) or
+// a conjugate view has other dispatch keys, and a mode (make_fx's tracing) would not see the
+// read, so those go through ATen ops.
+inline bool readable_outside_kernels(const at::Tensor& t) {
+  constexpr c10::DispatchKeySet plain_cpu({c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                           c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU});
+  return plain_cpu.isSupersetOf(t.key_set()) && !c10::impl::dispatch_mode_enabled();
+}
 
 inline std::vector<double> channel_values(const at::Tensor& t) {
   const at::Tensor values = t.contiguous();
