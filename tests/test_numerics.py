@@ -233,6 +233,32 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
             assert torch.equal(first, other), f"result {index} differs between runs"
 
 
+# An NCHW input too small to split between threads goes through the CPU kernels as one group of
+# channels, where a larger one is cut into groups per thread: a channel's results must not depend
+# on the channels computed beside it. (Batches under 24 of planes under 64 values: by position
+# the group's width is part of the arithmetic. Planes of more than one value: (N, C, 1, 1) is
+# laid out as rows of channels.)
+@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).to(dtype)
+    grad_output = torch.randn(shape, dtype=torch.float64).to(dtype)
+    weight = torch.rand(shape[1], dtype=torch.float64).add(0.5).to(dtype)
+    bias = torch.randn(shape[1], dtype=torch.float64).to(dtype)
+
+    def train_and_backward(c0, c1):
+        cut = [t[:, c0:c1].contiguous() for t in (x, grad_output)]
+        output, mean, invstd = torch.ops.torch_bn.forward_train(cut[0], weight[c0:c1], bias[c0:c1], 1e-5)
+        grads = torch.ops.torch_bn.backward(cut[1], cut[0], weight[c0:c1], mean, invstd, True, [True, True, True])
+        return [output, mean, invstd, *grads]
+
+    together = on_thread_counts((1, 2), lambda: train_and_backward(0, shape[1]))
+    for c in range(shape[1]):
+        for index, (full, alone) in enumerate(zip(together[0], train_and_backward(c, c + 1))):
+            assert torch.equal(full[:, c : c + 1] if full.dim() > 1 else full[c : c + 1], alone), (c, index)
+    assert all(torch.equal(a, b) for a, b in zip(*together)), "the result depends on the thread count"
+
+
 def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_counts):
     """Evaluation of x (float64, any layout) by bn in dtype against a float64 reference, and the
     same result on one thread and on two."""

@@ -191,6 +191,7 @@ def test_stream_bound_variable_takes_a_positive_byte_count(value):
 @pytest.mark.parametrize("value", ["true", "2", ""])
 def test_fetch_variable_takes_0_or_1(value):
     # Read where a streamed pass goes on to its next group: with a 1-byte bound every pass
-    # streams, and one task takes all eight 16x16 channels.
-    stderr = train_in_fresh_process((4, 8, 16, 16), TORCH_BN_STREAM_BYTES="1", TORCH_BN_FETCH_NEXT_GROUP=value)
+    # streams, and 4x16x32x32 is work enough to be cut into groups of channels, several to a
+    # task (an input too small to split between threads is one group).
+    stderr = train_in_fresh_process((4, 16, 32, 32), TORCH_BN_STREAM_BYTES="1", TORCH_BN_FETCH_NEXT_GROUP=value)
     assert f"TORCH_BN_FETCH_NEXT_GROUP must be 0 or 1, got '{value}'" in stderr

@@ -244,9 +244,9 @@ void for_each_chunk(int64_t n, const F& f) {
 // Per-channel values each repeated `inner` times: the value at every position of a planar
 // group's row (see PlanarPlan::by_position).
 template <typename acc_t>
-std::vector<acc_t> spread(const std::vector<acc_t>& values, int64_t inner) {
-  std::vector<acc_t> out(values.size() * inner);
-  for (const auto i : c10::irange(static_cast<int64_t>(values.size()))) {
+std::vector<acc_t> spread(const acc_t* values, int64_t channels, int64_t inner) {
+  std::vector<acc_t> out(channels * inner);
+  for (const auto i : c10::irange(channels)) {
     std::fill(out.begin() + i * inner, out.begin() + (i + 1) * inner, values[i]);
   }
   return out;
@@ -281,9 +281,19 @@ struct PlanarPlan {
     // whose rounding can differ from the vector lanes': there, the groups are cut alike
     // whatever the thread count.
     const int64_t tasks = by_position() ? kPositionGroups : kGroupsPerThread * at::get_num_threads();
-    const int64_t most = std::max<int64_t>(1, s.channels / tasks);
+    // Elsewhere an input too small to be split among threads (see for_each_group) is cut only to
+    // fit L2: each group sets up its own coefficients and buffers (a dozen allocations), which at
+    // a few values per channel cost more than the channel's values. Module forward+backward on 1
+    // thread, 2x4x2x2 and 4x16x3x3: 64-65 and 67-68 µs as one group, 67-68 and 71-73 µs in
+    // groups of one channel (torch.nn's 51-55 µs).
+    const bool one_task = !by_position() && s.channels * plane_work() < kGrainValues;
+    const int64_t most = one_task ? s.channels : std::max<int64_t>(1, s.channels / tasks);
     group = std::clamp<int64_t>(kGroupBytes / channel_bytes, 1, most);
   }
+
+  // A plane's work in for_each_group's units: a plane costs at least what a short plane does
+  // (its run's overhead).
+  int64_t plane_work() const { return s.batch * std::max(s.inner, kShortPlane); }
 
   int64_t plane(int64_t b, int64_t c) const { return (b * s.channels + c) * s.inner; }
 
@@ -317,11 +327,11 @@ struct PlanarPlan {
 
   // Calls f(c0, c1, next) on every group of channels [c0, c1), in parallel where the work is
   // worth kGrainValues values or more: waking the other threads costs more than a small input's
-  // whole pass. A plane costs at least what a short plane does (its run's overhead). `next`:
-  // whether the same task handles the next group, a whole one, right after this one.
+  // whole pass. `next`: whether the same task handles the next group, a whole one, right after
+  // this one.
   template <typename F>
   void for_each_group(const F& f) const {
-    const int64_t group_work = group * s.batch * std::max(s.inner, kShortPlane);
+    const int64_t group_work = group * plane_work();
     const int64_t grain = std::max<int64_t>(1, kGrainValues / group_work);
     at::parallel_for(0, div_up(s.channels, group), grain, [&](int64_t g0, int64_t g1) {
       for (const auto g : c10::irange(g0, g1)) {
@@ -384,15 +394,17 @@ struct PlanarPlan {
   }
 
   // Calls write(first, n, view) on runs covering the group in memory order, view(k) being the
-  // run's source (Uniform or PerChannel) of the per-channel `values[k]`: a run is a plane, or
-  // by position a row of the group.
-  template <typename acc_t, typename Write>
-  void for_each_group_write(int64_t c0, int64_t c1, std::vector<std::vector<acc_t>> values, const Write& write) const {
+  // run's source (Uniform or PerChannel) of the per-channel values[k][i] of channel c0 + i: a
+  // run is a plane, or by position a row of the group.
+  template <typename acc_t, size_t K, typename Write>
+  void for_each_group_write(int64_t c0, int64_t c1, const std::array<const acc_t*, K>& values,
+                            const Write& write) const {
     if (by_position()) {
-      for (auto& v : values) {
-        v = spread(v, s.inner);
+      std::array<std::vector<acc_t>, K> at_position;
+      for (const auto k : c10::irange(K)) {
+        at_position[k] = spread(values[k], c1 - c0, s.inner);
       }
-      const auto view = [&](int k) { return PerChannel<acc_t>{values[k].data()}; };
+      const auto view = [&](int k) { return PerChannel<acc_t>{at_position[k].data()}; };
       for (const auto b : c10::irange(s.batch)) {
         write(plane(b, c0), (c1 - c0) * s.inner, view);
       }
@@ -409,18 +421,18 @@ struct PlanarPlan {
   // write(first, n, hi_of, lo_of, view) gets the mean's sources and view(k) for values[k].
   // Folded means (not centered) are Zero and not passed at all: by position they would be
   // spread to zeros read for nothing.
-  template <typename acc_t, typename Write>
-  void for_each_group_write_centered(int64_t c0, int64_t c1, bool centered, const std::vector<acc_t>& hi,
-                                     const std::vector<acc_t>& lo, std::vector<std::vector<acc_t>> values,
-                                     const Write& write) const {
+  template <typename acc_t, size_t K, typename Write>
+  void for_each_group_write_centered(int64_t c0, int64_t c1, bool centered, const acc_t* hi, const acc_t* lo,
+                                     const std::array<const acc_t*, K>& values, const Write& write) const {
     if (!centered) {
-      for_each_group_write<acc_t>(c0, c1, std::move(values), [&](int64_t first, int64_t n, const auto& view) {
+      for_each_group_write(c0, c1, values, [&](int64_t first, int64_t n, const auto& view) {
         write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view);
       });
       return;
     }
-    values.insert(values.begin(), {hi, lo});
-    for_each_group_write<acc_t>(c0, c1, std::move(values), [&](int64_t first, int64_t n, const auto& view) {
+    std::array<const acc_t*, K + 2> with_mean{hi, lo};
+    std::copy(values.begin(), values.end(), with_mean.begin() + 2);
+    for_each_group_write(c0, c1, with_mean, [&](int64_t first, int64_t n, const auto& view) {
       write(first, n, view(0), view(1), [&](int k) { return view(k + 2); });
     });
   }
@@ -753,11 +765,9 @@ C10_ALWAYS_INLINE void fetch_next_batch_for_write(const Shape& s, T* out, int64_
 template <typename scalar_t, typename acc_t>
 void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const ChannelAffine<acc_t>& p, int64_t first,
                         NormalizeWriter<scalar_t>& writer, bool fetch_output, int64_t fetch_distance = 0) {
-  const auto of_group = [&](const std::vector<acc_t>& v) {
-    return std::vector<acc_t>(v.begin() + first, v.begin() + first + (c1 - c0));
-  };
-  plan.for_each_group_write_centered<acc_t>(
-      c0, c1, p.centered, of_group(p.mean.hi), of_group(p.mean.lo), {of_group(p.scale), of_group(p.shift)},
+  plan.for_each_group_write_centered(
+      c0, c1, p.centered, p.mean.hi.data() + first, p.mean.lo.data() + first,
+      std::array<const acc_t*, 2>{p.scale.data() + first, p.shift.data() + first},
       [&](int64_t at, int64_t n, const auto& hi, const auto& lo, const auto& view) {
         if (fetch_output) {
           fetch_next_batch_for_write(plan.s, writer.y, at, n);
@@ -926,7 +936,7 @@ struct SumByPosition {
     constexpr int64_t K = sum_count<acc_t, Term>;
     const int64_t inner = plan.s.inner;
     const int64_t channels = c1 - c0;
-    const auto a_at = spread(a, inner), b_at = spread(b, inner);
+    const auto a_at = spread(a.data(), channels, inner), b_at = spread(b.data(), channels, inner);
     const PerChannel<acc_t> a_of{a_at.data()}, b_of{b_at.data()};
     reduce_columns<acc_t>(x + plan.plane(b0, c0), b1 - b0, channels * inner, plan.s.channels * inner, term, a_of, b_of,
                           total.data(), /*fetch_ahead=*/false);
@@ -1290,8 +1300,8 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     // As in forward_train_planar.
     StagedStores<scalar_t> stage;
     const int64_t fetch_distance = plan.next_group_distance(c0, c1, next, grad.stream);
-    plan.for_each_group_write_centered<acc_t>(
-        c0, c1, centered, hi, lo, {k1, k2, k3},
+    plan.for_each_group_write_centered(
+        c0, c1, centered, hi.data(), lo.data(), std::array<const acc_t*, 3>{k1.data(), k2.data(), k3.data()},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
           if (fetch_output) {
             fetch_next_batch_for_write(s, dx, run, run_length);
