@@ -235,9 +235,9 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
 
 # An NCHW input too small to split between threads goes through the CPU kernels as one group of
 # channels, where a larger one is cut into groups per thread: a channel's results must not depend
-# on the channels computed beside it. (Batches under 24 of planes under 64 values: by position
-# the group's width is part of the arithmetic. Planes of more than one value: (N, C, 1, 1) is
-# laid out as rows of channels.)
+# on the channels computed beside it. Not where planes under 64 values come in batches of 24 or
+# more: summed by position, a group's width is part of the arithmetic. Not 1x1 planes: (N, C, 1,
+# 1) is laid out as rows of channels.
 @pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
