@@ -2,6 +2,8 @@
 // kernels_*.cpp): everything here lives in a namespace named after it, as ATen's
 // at::vec does, so the builds do not collide.
 #pragma once
+#include "aligned_vector.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -971,7 +973,7 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
   constexpr int64_t kRowWalkFetchBytes = 8192;
   const int64_t group_rows = by_rows ? kRowWalkGroup : std::max<int64_t>(8, kGroupValues / C);
   const int64_t row_bytes = stride * static_cast<int64_t>(sizeof(T));
-  std::vector<acc_t> sums(K * C);
+  AlignedVector<acc_t> sums(K * C);
   std::fill(total, total + K * C, 0.0);
   for (int64_t p0 = 0; p0 < rows; p0 += kChunk) {
     const int64_t p1 = std::min(rows, p0 + kChunk);

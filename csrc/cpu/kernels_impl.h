@@ -244,8 +244,8 @@ void for_each_chunk(int64_t n, const F& f) {
 // Per-channel values each repeated `inner` times: the value at every position of a planar
 // group's row (see PlanarPlan::by_position).
 template <typename acc_t>
-std::vector<acc_t> spread(const acc_t* values, int64_t channels, int64_t inner) {
-  std::vector<acc_t> out(channels * inner);
+AlignedVector<acc_t> spread(const acc_t* values, int64_t channels, int64_t inner) {
+  AlignedVector<acc_t> out(channels * inner);
   for (const auto i : c10::irange(channels)) {
     std::fill(out.begin() + i * inner, out.begin() + (i + 1) * inner, values[i]);
   }
@@ -400,7 +400,7 @@ struct PlanarPlan {
   void for_each_group_write(int64_t c0, int64_t c1, const std::array<const acc_t*, K>& values,
                             const Write& write) const {
     if (by_position()) {
-      std::array<std::vector<acc_t>, K> at_position;
+      std::array<AlignedVector<acc_t>, K> at_position;
       for (const auto k : c10::irange(K)) {
         at_position[k] = spread(values[k], c1 - c0, s.inner);
       }
@@ -441,8 +441,8 @@ struct PlanarPlan {
 // Per-channel values in the accumulation type, tiled `group_rows` times for the rows layout so
 // that element i of a group of rows belongs to channel i % C. A null `values` reads as zeros.
 template <typename acc_t>
-std::vector<acc_t> tile(const double* values, int64_t channels, int64_t group_rows) {
-  std::vector<acc_t> tiled(channels * group_rows, acc_t(0));
+AlignedVector<acc_t> tile(const double* values, int64_t channels, int64_t group_rows) {
+  AlignedVector<acc_t> tiled(channels * group_rows, acc_t(0));
   if (values) {
     for (int64_t row = 0; row < channels * group_rows; row += channels) {
       for (const auto c : c10::irange(channels)) {
@@ -456,7 +456,7 @@ std::vector<acc_t> tile(const double* values, int64_t channels, int64_t group_ro
 // The mean as hi + lo (see `centered`), tiled like `tile`.
 template <typename acc_t>
 struct TiledMean {
-  std::vector<acc_t> hi, lo;
+  AlignedVector<acc_t> hi, lo;
   TiledMean(const double* mean, int64_t channels, int64_t group_rows) {
     std::vector<double> hi_of(channels, 0.0), lo_of(channels, 0.0);
     for (const auto c : c10::irange(mean ? channels : 0)) {
@@ -498,7 +498,7 @@ struct FoldedMeans {
 template <typename acc_t>
 struct ChannelAffine {
   TiledMean<acc_t> mean;
-  std::vector<acc_t> scale, shift;
+  AlignedVector<acc_t> scale, shift;
   bool centered;
 
   ChannelAffine(int64_t channels, int64_t group_rows, const double* mean_of, const double* scale_of,
@@ -582,7 +582,7 @@ class ChannelArrays {
   static constexpr int64_t kPage = 4096 / sizeof(acc_t);
   static constexpr int64_t kSkew = 128 / sizeof(acc_t);
   int64_t stride_;
-  std::vector<acc_t> values_;
+  AlignedVector<acc_t> values_;
 };
 
 // Calls use(source_of), source_of(k, position) the per-channel source of arrays[k] (n values
@@ -700,7 +700,7 @@ struct GradReader {
   const uint8_t* mask;
   acc_t slope;
   scalar_t* grad_residual;
-  std::vector<acc_t> gated;
+  AlignedVector<acc_t> gated;
   // Whether the passes' outputs (the input's and the residual's gradients) are streamed.
   bool stream;
 
@@ -903,7 +903,7 @@ struct SumByRun {
 
   template <typename Term>
   void operator()(int64_t b0, int64_t b1, int64_t offset, int64_t length, const Term& term,
-                  const std::vector<acc_t>& a, const std::vector<acc_t>& b, std::vector<double>& into) const {
+                  const AlignedVector<acc_t>& a, const AlignedVector<acc_t>& b, std::vector<double>& into) const {
     constexpr size_t K = sum_count<acc_t, Term>;
     totals.reset();
     const int64_t distance = plan.fetch_distance();
@@ -932,7 +932,7 @@ struct SumByPosition {
 
   template <typename Term>
   void operator()(int64_t b0, int64_t b1, int64_t /*offset: 0*/, int64_t /*length: inner*/, const Term& term,
-                  const std::vector<acc_t>& a, const std::vector<acc_t>& b, std::vector<double>& into) const {
+                  const AlignedVector<acc_t>& a, const AlignedVector<acc_t>& b, std::vector<double>& into) const {
     constexpr int64_t K = sum_count<acc_t, Term>;
     const int64_t inner = plan.s.inner;
     const int64_t channels = c1 - c0;
@@ -983,7 +983,7 @@ std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, i
   const int64_t channels = c1 - c0;
   const auto reduce = make_reduce(c0, c1);
   std::vector<Moments> moments(channels);
-  std::vector<acc_t> shift(channels);
+  AlignedVector<acc_t> shift(channels);
   std::vector<double> sums(2 * channels), exact(2);
   plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
     const double count = static_cast<double>((b1 - b0) * length);
@@ -1000,8 +1000,8 @@ std::vector<Moments> planar_moments(const scalar_t* x, const PlanarPlan& plan, i
       double m2 = one_pass.m2;
       if (one_pass.cancels) {
         const auto m = split_mean<acc_t>(mean);
-        make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, CenteredMoments<acc_t>{}, std::vector<acc_t>{m.hi},
-                                        std::vector<acc_t>{m.lo}, exact);
+        make_reduce(c0 + i, c0 + i + 1)(b0, b1, offset, length, CenteredMoments<acc_t>{}, AlignedVector<acc_t>{m.hi},
+                                        AlignedVector<acc_t>{m.lo}, exact);
         const OnePassMoments two_pass(inverse_count, exact[0], exact[1]);
         mean += two_pass.offset;
         m2 = two_pass.m2;
@@ -1058,7 +1058,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
 // golden-ratio stride: evenly spaced rows would all be the same pixel (a corner, where a padded
 // convolution's output differs) of every other image.
 template <typename acc_t, typename scalar_t>
-std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
+AlignedVector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
   constexpr double kGoldenRatio = 0.6180339887498949;
   const int64_t samples = std::min(rows, kShiftRows);
   std::vector<double> sum(C, 0.0);
@@ -1069,7 +1069,7 @@ std::vector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
       sum[c] += static_cast<double>(row[c]);
     }
   }
-  std::vector<acc_t> mean(C);
+  AlignedVector<acc_t> mean(C);
   for (const auto c : c10::irange(C)) {
     mean[c] = static_cast<acc_t>(sum[c] / static_cast<double>(samples));
   }
@@ -1162,7 +1162,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     }
     for (const auto& [first, last] : far_runs) {
       const int64_t width = last + 1 - first;
-      std::vector<acc_t> hi(width), lo(width);
+      AlignedVector<acc_t> hi(width), lo(width);
       for (const auto i : c10::irange(width)) {
         const auto m = split_mean<acc_t>(static_cast<double>(shift[first + i]) + offset[first + i]);
         hi[i] = m.hi;
@@ -1269,7 +1269,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     const int64_t channels = c1 - c0;
     GradReader<scalar_t> grad(dy, s, prologue);
     const int64_t distance = plan.fetch_distance();
-    std::vector<acc_t> hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
+    AlignedVector<acc_t> hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
     RunTotals<acc_t> sum_totals(channels), dot_totals(channels);
     for (const auto i : c10::irange(channels)) {
       const auto m = split_mean<acc_t>(mean[c0 + i]);
