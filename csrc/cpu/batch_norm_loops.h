@@ -946,8 +946,8 @@ TORCH_BN_FLATTEN inline void reduce_dy_dot_rows(const D& dy, const T* x, int64_t
 // KiB of consecutive rows, so that its rows, read strip by strip, are a handful of streams (a wide
 // row read down a whole block would be a stream per row and miss L1). For every column c and
 // each sum k of the term (see as_sums), total[k·C + c] = Σ_r term(x at r·stride + c, a, b, c)[k],
-// summed in row order in the accumulation type over pieces of at most kChunk rows, and in double
-// across pieces. The hardware prefetchers do not follow the strip order: with `fetch_ahead`, each
+// summed in row order in the accumulation type over pieces of `piece_rows` rows (at most
+// kChunk), and in double across pieces. The hardware prefetchers do not follow the strip order: with `fetch_ahead`, each
 // strip fetches its columns of the next group's rows while it sums this group's, for a pass whose
 // rows come from memory.
 // `by_rows` walks narrow rows from memory instead (see forward_train_rows): groups of two rows,
@@ -957,7 +957,7 @@ TORCH_BN_FLATTEN inline void reduce_dy_dot_rows(const D& dy, const T* x, int64_t
 template <typename acc_t, typename T, typename Term, typename P>
 TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C, int64_t stride, const Term& term,
                                             const P& a, const P& b, double* total, bool fetch_ahead,
-                                            bool by_rows = false) {
+                                            bool by_rows = false, int64_t piece_rows = kChunk) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   constexpr int K = static_cast<int>(sum_count<acc_t, Term>);
@@ -975,8 +975,8 @@ TORCH_BN_FLATTEN inline void reduce_columns(const T* x, int64_t rows, int64_t C,
   const int64_t row_bytes = stride * static_cast<int64_t>(sizeof(T));
   AlignedVector<acc_t> sums(K * C);
   std::fill(total, total + K * C, 0.0);
-  for (int64_t p0 = 0; p0 < rows; p0 += kChunk) {
-    const int64_t p1 = std::min(rows, p0 + kChunk);
+  for (int64_t p0 = 0; p0 < rows; p0 += piece_rows) {
+    const int64_t p1 = std::min(rows, p0 + piece_rows);
     std::fill(sums.begin(), sums.end(), acc_t(0));
     for (int64_t r0 = p0; r0 < p1; r0 += group_rows) {
       const int64_t r1 = std::min(p1, r0 + group_rows);

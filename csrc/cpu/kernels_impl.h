@@ -47,10 +47,23 @@ namespace torch_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Channels-last statistics work on blocks of rows that stay in L2 between their two passes;
-// each block leaves O(C) doubles behind, so a block has about kMinBlockRows rows or more.
+// Channels-last passes work on blocks of rows of about this many values that stay in L2 (at
+// least kMinBlockRows rows, as a block leaves O(C) doubles behind): forward-train's write pass
+// walks them most recent first, after its statistics, which sum a channel in the accumulation
+// type over pieces of as many rows.
 constexpr int64_t kBlockValues = 32768;
 constexpr int64_t kMinBlockRows = 64;
+// Forward-train's channels-last statistics take blocks of up to this many values, pieces of a
+// kBlockValues block each: a block costs O(C) work in double (its moments, its far columns and the
+// merge, which runs on one thread), and the float sums stay as short as before. Against blocks of
+// kBlockValues (operators, medians of 11-21 interleaved rounds in one process, 2-3 processes, AMD
+// EPYC Zen 4 VM, 2 threads), float32 forward-train 1.15-1.36x as fast at 32x512x14x14, 1.12-1.23x
+// at the other 7x7 to 28x28 shapes but 32x128x28x28 (0.97-1.10x), and 0.97-1.10x at 56x56 and
+// 112x112; bfloat16 1.14-1.33x (32x128x28x28 0.97x). A block's second pass over its far columns
+// (see forward_train_rows) then reads from L3 or memory, not L2: on inputs whose every block is far
+// (a mean drifting across the batch) forward-train was 0.9x as fast at 32x64x56x56 and
+// 32x256x56x56, even at 32x128x28x28 and 1.2x faster at 32x512x14x14.
+constexpr int64_t kStatsBlockValues = 1 << 20;
 // Channels-last backward's statistics are one pass, whose blocks only fix the order of the sums,
 // and each block costs fresh totals and their move into doubles: it takes blocks of up to this
 // many values, as many as keep a channel's total in the accumulation type to kChunk rows (as
@@ -1088,17 +1101,20 @@ AlignedVector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
 // Channels-last: each block of rows gets its mean and M2 from one pass over memory, Σd and Σd²
 // of d = x - shift, the shift being a sampled mean (sampled_mean) and so near the block's own
 // (see OnePassMoments). Where a column's M2 would cancel, the block's mean and M2 come from a
-// second pass, from L2. With that second pass for every block (and no fetch-ahead),
-// forward-train took 13-37% longer at ResNet-50's shapes (float32 and bfloat16, interleaved A/B,
-// 2 threads). The blocks are then merged with the two-pass formula over their means,
-// M2 = Σ (m2_b + n_b·(mean_b - mean)²), in loops that run along the channels.
+// second pass over that column. With that second pass for every block (blocks of kBlockValues
+// then, read from L2, and no fetch-ahead), forward-train took 13-37% longer at ResNet-50's
+// shapes (float32 and bfloat16, interleaved A/B, 2 threads). The blocks are then merged with the
+// two-pass formula over their means, M2 = Σ (m2_b + n_b·(mean_b - mean)²), in loops that run
+// along the channels.
 template <typename scalar_t>
 void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const double* weight,
                         const double* bias, double eps, const Epilogue& epilogue, double* mean_out,
                         double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowPlan plan(s);
+  const RowPlan plan(s, kStatsBlockValues);
   const int64_t C = s.channels;
+  // A channel's sums in the accumulation type cover the rows of a kBlockValues block.
+  const int64_t piece_rows = std::min(kChunk, std::max(kMinBlockRows, kBlockValues / C));
   // The blocks keep their means relative to the shift.
   const auto shift = sampled_mean<acc_t>(x, plan.rows, C);
   // Per block, the channels' Σd then Σd², turned in place into their mean offsets and M2s. Not
@@ -1122,7 +1138,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
     double* offset = offset_of(block);
     double* m2 = m2_of(block);
     reduce_columns<acc_t>(rows_x, rows, C, C, ShiftedMoments<acc_t>{}, shift_of, shift_of, offset,
-                          /*fetch_ahead=*/true, by_rows);
+                          /*fetch_ahead=*/true, by_rows, piece_rows);
     const double inverse_rows = 1.0 / static_cast<double>(rows);
     // Runs of columns whose M2 would cancel (their mean far from the shift), each [first, last].
     // A far column at most a cache line of x past a run's last joins the run, whose pass reads
@@ -1179,7 +1195,8 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
       }
       std::vector<double> exact(2 * width);
       reduce_columns<acc_t>(rows_x + first, rows, width, C, CenteredMoments<acc_t>{}, PerChannel<acc_t>{hi.data()},
-                            PerChannel<acc_t>{lo.data()}, exact.data(), /*fetch_ahead=*/false);
+                            PerChannel<acc_t>{lo.data()}, exact.data(), /*fetch_ahead=*/false, /*by_rows=*/false,
+                            piece_rows);
       for (const auto i : c10::irange(width)) {
         const OnePassMoments two_pass(inverse_rows, exact[i], exact[width + i]);
         offset[first + i] += two_pass.offset;
