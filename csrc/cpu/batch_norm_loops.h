@@ -947,9 +947,9 @@ TORCH_BN_FLATTEN inline void reduce_dy_dot_rows(const D& dy, const T* x, int64_t
 // row read down a whole block would be a stream per row and miss L1). For every column c and
 // each sum k of the term (see as_sums), total[k·C + c] = Σ_r term(x at r·stride + c, a, b, c)[k],
 // summed in row order in the accumulation type over pieces of `piece_rows` rows (at most
-// kChunk), and in double across pieces. The hardware prefetchers do not follow the strip order: with `fetch_ahead`, each
-// strip fetches its columns of the next group's rows while it sums this group's, for a pass whose
-// rows come from memory.
+// kChunk), and in double across pieces. The hardware prefetchers do not follow the strip order:
+// with `fetch_ahead`, each strip fetches its columns of the next group's rows while it sums this
+// group's, for a pass whose rows come from memory.
 // `by_rows` walks narrow rows from memory instead (see forward_train_rows): groups of two rows,
 // one vector of columns at a time, so that x is read in memory order and the totals are loaded
 // and stored once per two rows; with `fetch_ahead` each group fetches the rows kRowWalkFetchBytes

@@ -47,10 +47,10 @@ namespace torch_bn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Channels-last passes work on blocks of rows of about this many values that stay in L2 (at
-// least kMinBlockRows rows, as a block leaves O(C) doubles behind): forward-train's write pass
-// walks them most recent first, after its statistics, which sum a channel in the accumulation
-// type over pieces of as many rows.
+// Channels-last passes work on blocks of rows of about this many values, which stay in L2, and
+// of no fewer than kMinBlockRows rows (a statistics block leaves O(C) doubles behind):
+// forward-train's write pass walks them most recent first, after its statistics, which sum a
+// channel in the accumulation type over pieces of as many rows.
 constexpr int64_t kBlockValues = 32768;
 constexpr int64_t kMinBlockRows = 64;
 // Forward-train's channels-last statistics take blocks of up to this many values, pieces of a
