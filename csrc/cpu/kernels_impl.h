@@ -548,9 +548,14 @@ struct RowPlan {
   explicit RowPlan(const Shape& s, int64_t block_values = kBlockValues) : rows(s.count()), channels(s.channels) {
     group_rows = std::max<int64_t>(1, kMinGroupValues / channels);
     num_groups = div_up(rows, group_rows);
-    const int64_t wanted_rows = std::max(kMinBlockRows, block_values / channels);
-    const int64_t blocks = div_up(div_up(rows, wanted_rows), kBlockCountMultiple) * kBlockCountMultiple;
+    const int64_t blocks =
+        div_up(div_up(rows, wanted_rows(channels, block_values)), kBlockCountMultiple) * kBlockCountMultiple;
     num_blocks = std::min(num_groups, blocks);
+  }
+
+  // The rows a block of `block_values` values is made of, before the count is rounded.
+  static int64_t wanted_rows(int64_t channels, int64_t block_values) {
+    return std::max(kMinBlockRows, block_values / channels);
   }
 
   int64_t block_start(int64_t block) const { return std::min(rows, block * num_groups / num_blocks * group_rows); }
@@ -1114,7 +1119,7 @@ void forward_train_rows(const scalar_t* x, scalar_t* y, const Shape& s, const do
   const RowPlan plan(s, kStatsBlockValues);
   const int64_t C = s.channels;
   // A channel's sums in the accumulation type cover the rows of a kBlockValues block.
-  const int64_t piece_rows = std::min(kChunk, std::max(kMinBlockRows, kBlockValues / C));
+  const int64_t piece_rows = std::min(kChunk, RowPlan::wanted_rows(C, kBlockValues));
   // The blocks keep their means relative to the shift.
   const auto shift = sampled_mean<acc_t>(x, plan.rows, C);
   // Per block, the channels' Σd then Σd², turned in place into their mean offsets and M2s. Not
