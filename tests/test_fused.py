@@ -22,6 +22,9 @@ SHAPE = (4, 3, 5, 6)
 # parity on AVX2 (channels-last where C is a multiple of 16), where SHAPE's 30-value planes and 3
 # channels are read a vector at a time.
 LONG_PLANES_SHAPE = (2, 16, 8, 8)
+# Planes of under 64 values in a batch of 24 or more, which the NCHW kernels sum and write by
+# position: backward gathers the residual's gradient and gates dy by the mask a row at a time.
+BY_POSITION_SHAPE = (24, 6, 5, 6)
 # Tolerances of the fused results against the torch.nn composition run in the same dtype
 # (half types: against float32, since torch_bn rounds once and torch.nn after every op).
 TOLERANCES = {
@@ -85,7 +88,9 @@ def assert_grads_close(actual, expected, tolerance, names):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["noresidual", "residual"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("shape", [SHAPE, LONG_PLANES_SHAPE], ids=["3ch-planes30", "16ch-planes64"])
+@pytest.mark.parametrize(
+    "shape", [SHAPE, LONG_PLANES_SHAPE, BY_POSITION_SHAPE], ids=["3ch-planes30", "16ch-planes64", "batch24-planes30"]
+)
 def test_module_matches_torch_nn_composition(shape, activation, with_residual, channels_last, dtype, training, device):
     reference_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -1282,6 +1282,48 @@ bool fold_grad_coefficients(int64_t c0, int64_t c1, bool training, const double*
   return centered;
 }
 
+// Backward's Σdy and Σdy·(x - mean) of channels [c0, c1) by position (see
+// PlanarPlan::by_position), added to sum_dy and sum_dy_xmu (hi and lo: the mean, index i for
+// channel c0 + i): a group's planes of one batch are a row of positions, each summed down the
+// chunk's rows in the accumulation type (a row in pieces of at most kChunk values, as GradReader
+// gathers them), and a channel's positions are then added in double, position by position across
+// the channels (as SumByPosition). Plane by plane, a 4x4 plane was two vectors added into one
+// accumulator, each add waiting on the one before: operators against torch's, medians of 9
+// interleaved rounds (AMD EPYC Zen 4 VM, 2 threads), the statistics at 128x512x4x4 float32 took
+// 0.26 ms against 0.14 ms now (torch's 0.14), the whole backward 0.44 against 0.32 ms (torch's
+// 0.33), 1.56 against 1.38 ms at 256x512x4x4 and 0.43 against 0.21 ms in bfloat16; at
+// ResNet-50's 7x7 shapes even to 1.14x faster (bfloat16 32x512x7x7).
+template <typename scalar_t>
+void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, const scalar_t* x, int64_t c0,
+                            int64_t c1, const at::opmath_type<scalar_t>* hi, const at::opmath_type<scalar_t>* lo,
+                            double* sum_dy, double* sum_dy_xmu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = c1 - c0;
+  const int64_t inner = plan.s.inner;
+  const int64_t width = channels * inner;
+  const auto hi_at = spread(hi, channels, inner), lo_at = spread(lo, channels, inner);
+  AlignedVector<acc_t> sums(width), dots(width);
+  plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t /*offset: 0*/, int64_t /*length: inner*/) {
+    std::fill(sums.begin(), sums.end(), acc_t(0));
+    std::fill(dots.begin(), dots.end(), acc_t(0));
+    for (const auto b : c10::irange(b0, b1)) {
+      const int64_t row = plan.plane(b, c0);
+      for_each_chunk(width, [&](int64_t at, int64_t n) {
+        grad.read(row + at, n, /*store_residual_grad=*/true, [&](const auto& dz) {
+          reduce_dy_dot_rows<acc_t>(dz, x + row + at, 1, n, PerChannel<acc_t>{hi_at.data() + at},
+                                    PerChannel<acc_t>{lo_at.data() + at}, sums.data() + at, dots.data() + at);
+        });
+      });
+    }
+    for (const auto position : c10::irange(inner)) {
+      for (const auto i : c10::irange(channels)) {
+        sum_dy[c0 + i] += static_cast<double>(sums[i * inner + position]);
+        sum_dy_xmu[c0 + i] += static_cast<double>(dots[i * inner + position]);
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Shape& s,
                      const double* mean, const double* invstd, const double* weight, bool training,
@@ -1299,9 +1341,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   plan.for_each_group([&](int64_t c0, int64_t c1, bool next) TORCH_BN_FLATTEN {
     const int64_t channels = c1 - c0;
     GradReader<scalar_t> grad(dy, s, prologue);
-    const int64_t distance = plan.fetch_distance();
     AlignedVector<acc_t> hi(channels), lo(channels), k1(channels), k2(channels), k3(channels);
-    RunTotals<acc_t> sum_totals(channels), dot_totals(channels);
     for (const auto i : c10::irange(channels)) {
       const auto m = split_mean<acc_t>(mean[c0 + i]);
       hi[i] = m.hi;
@@ -1309,20 +1349,26 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       sum_dy[c0 + i] = 0;
       sum_dy_xmu[c0 + i] = 0;
     }
-    plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
-      plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
-        grad.read(first, len, /*store_residual_grad=*/true, [&](const auto& dz) {
-          reduce_dy_dot<acc_t>(dz, x + first, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i],
-                               dot_totals[i], FetchAhead::of<scalar_t>(x + first, dy + first, distance));
+    if (plan.by_position()) {
+      sum_dy_dot_by_position(plan, grad, x, c0, c1, hi.data(), lo.data(), sum_dy, sum_dy_xmu);
+    } else {
+      const int64_t distance = plan.fetch_distance();
+      RunTotals<acc_t> sum_totals(channels), dot_totals(channels);
+      plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t offset, int64_t length) {
+        plan.for_each_run(c0, c1, b0, b1, offset, length, [&](int64_t i, int64_t first, int64_t len) {
+          grad.read(first, len, /*store_residual_grad=*/true, [&](const auto& dz) {
+            reduce_dy_dot<acc_t>(dz, x + first, len, Uniform<acc_t>{hi[i]}, Uniform<acc_t>{lo[i]}, sum_totals[i],
+                                 dot_totals[i], FetchAhead::of<scalar_t>(x + first, dy + first, distance));
+          });
         });
+        for (const auto i : c10::irange(channels)) {
+          sum_dy[c0 + i] += sum_totals[i].total();
+          sum_dy_xmu[c0 + i] += dot_totals[i].total();
+        }
+        sum_totals.reset();
+        dot_totals.reset();
       });
-      for (const auto i : c10::irange(channels)) {
-        sum_dy[c0 + i] += sum_totals[i].total();
-        sum_dy_xmu[c0 + i] += dot_totals[i].total();
-      }
-      sum_totals.reset();
-      dot_totals.reset();
-    });
+    }
     if (!dx) {
       return;
     }
