@@ -913,6 +913,48 @@ inline void reduce_dy_dot(const D& dy, const T* x, int64_t n, const P& hi, const
   dot.add(dot_total);
 }
 
+// Σ dy and Σ dy·(x - mean) of one channel, carried from plane to plane (see carry_dy_dot).
+template <typename acc_t>
+struct DyDotCarry {
+  Vectorized<acc_t> sum0 = Vectorized<acc_t>(acc_t(0)), sum1 = Vectorized<acc_t>(acc_t(0));
+  Vectorized<acc_t> dot0 = Vectorized<acc_t>(acc_t(0)), dot1 = Vectorized<acc_t>(acc_t(0));
+  acc_t sum_tail = 0, dot_tail = 0;
+  acc_t sum() const { return horizontal_sum(sum0 + sum1) + sum_tail; }
+  acc_t dot() const { return horizontal_sum(dot0 + dot1) + dot_tail; }
+};
+
+// `carry` plus a run's Σ dy and Σ dy·(x - mean), dy a source as in reduce_dy_dot: two vectors at
+// a time, then one, then scalars. The carry comes in and goes out by value, so that a loop over a
+// channel's short planes keeps it in registers from plane to plane, where reduce_dy_dot's
+// RunTotal, added to in memory, costs a load and a store of kUnroll vectors per run.
+template <typename acc_t, typename D, typename T, typename P>
+inline DyDotCarry<acc_t> carry_dy_dot(DyDotCarry<acc_t> carry, const D& dy, const T* x, int64_t n, const P& hi,
+                                      const P& lo) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t i = 0;
+  for (; i + 2 * V <= n; i += 2 * V) {
+    const Vec g0 = dy.vec(i);
+    const Vec g1 = dy.vec(i + V);
+    carry.sum0 += g0;
+    carry.sum1 += g1;
+    carry.dot0 = at::vec::fmadd(g0, centered(load<acc_t>(x + i), hi, lo, i), carry.dot0);
+    carry.dot1 = at::vec::fmadd(g1, centered(load<acc_t>(x + i + V), hi, lo, i + V), carry.dot1);
+  }
+  if (i + V <= n) {
+    const Vec g = dy.vec(i);
+    carry.sum0 += g;
+    carry.dot0 = at::vec::fmadd(g, centered(load<acc_t>(x + i), hi, lo, i), carry.dot0);
+    i += V;
+  }
+  for (; i < n; ++i) {
+    const acc_t g = dy[i];
+    carry.sum_tail += g;
+    carry.dot_tail += g * centered(static_cast<acc_t>(x[i]), hi, lo, i);
+  }
+  return carry;
+}
+
 // The same per column over `rows` rows of `width` columns (a channels-last group of rows, or a
 // piece of one row), added to sum[c] and dot[c]: dy, hi and lo are seen from the group's start,
 // column c of row r at r·width + c. Row after row, in memory order. Strips of columns summed
