@@ -208,22 +208,22 @@ def train_steps(bn, inputs):
     return results
 
 
-# Large enough that the kernels split the work between threads; 7x7 planes in a batch of 32
+# Large enough that the kernels split the work between threads. 7x7 planes in a batch of 32
 # are summed by position across a group of channels, whose width decides which values take a
-# loop's scalar tail, so it must not follow the thread count.
-@pytest.mark.parametrize("size", [20, 7])
+# loop's scalar tail, so it must not follow the thread count; 5x5 and 7x7 planes in a batch of
+# 8 are written a row of such a group at a time (both passes at 5x5, forward-train at 7x7).
+@pytest.mark.parametrize("shape", [(32, 24, 20, 20), (32, 24, 7, 7), (8, 128, 5, 5), (8, 128, 7, 7)], ids=str)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size, device, on_thread_counts):
-    shape = (32, 24, size, size)
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shape, device, on_thread_counts):
     inputs = [
         ((torch.randn(shape) * 2 + 1).to(device, dtype).contiguous(memory_format=LAYOUTS[layout]), torch.randn(shape).to(device, dtype))
         for _ in range(2)
     ]
-    initial = torch_bn.BatchNorm2d(24).to(device)
+    initial = torch_bn.BatchNorm2d(shape[1]).to(device)
 
     def train_a_copy():
-        bn = torch_bn.BatchNorm2d(24).to(device)
+        bn = torch_bn.BatchNorm2d(shape[1]).to(device)
         bn.load_state_dict(initial.state_dict())
         return train_steps(bn, inputs)
 
@@ -237,8 +237,11 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, size
 # channels, where a larger one is cut into groups per thread: a channel's results must not depend
 # on the channels computed beside it. Not where planes under 64 values come in batches of 24 or
 # more: summed by position, a group's width is part of the arithmetic. Not 1x1 planes: (N, C, 1,
-# 1) is laid out as rows of channels.
-@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3)], ids=str)
+# 1) is laid out as rows of channels. Batches of 4 or more write planes of a vector or more a row
+# of the group at a time: (4, 5, 33) forward-train in every dtype and backward in bfloat16,
+# (6, 7, 4) neither, its planes shorter than a vector (so a row of one channel would be scalar
+# where a row of seven is vectors).
+@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).to(dtype)

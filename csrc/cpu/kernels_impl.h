@@ -90,6 +90,11 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
+// NCHW planes of fewer than kShortPlane values in a batch of at least this many rows are written
+// a row of their group at a time (see PlanarPlan::writes_rows); backward's input gradient only
+// where a plane is under this many vectors.
+constexpr int64_t kMinRowWriteBatch = 4;
+constexpr int64_t kRowGradVectors = 4;
 // NCHW planes shorter than this many bytes are written through the cache even where the output
 // would stream (see streams_output). In evaluation, streamed (SharedLineStores) at 32x2048x7x7
 // float32 (196-byte planes) was 0.8-0.95x as fast as through the cache, at 32x1024x14x14
@@ -381,6 +386,27 @@ struct PlanarPlan {
   // were up to 0.7x as fast so (16x1024x14x14, 32x128x28x28: 12.8 MB).
   bool channel_by_channel() const { return s.inner <= kShortPlane && !by_position(); }
 
+  // Whether a write pass takes a group a row at a time (for_each_group_write), as by position,
+  // where planes hold fewer than `plane_bound` values (at most kShortPlane) and a batch has
+  // kMinRowWriteBatch rows or more, whatever the statistics pass does. A plane's run costs a run's
+  // setup, which at a few vectors a plane is as much as its values, where a row is one run; but the
+  // group's per-channel values are then spread to positions, each a load per vector where a run
+  // broadcasts it, and the spreading costs as many stores as a row has values. Planes shorter than
+  // a vector (`vector_values`) stay runs: a row's width follows the group's, hence the thread
+  // count, and a row narrower than a vector is computed in a scalar loop whose rounding can differ
+  // from the lanes'. Operators, medians of 9 interleaved rounds (AMD EPYC Zen 4 VM, 2 threads),
+  // rows against runs: forward-train float32 16x512x4x4 157 -> 63 µs (torch's 151), 8x1024x3x3
+  // 135 -> 67 µs (115), 16x256x5x5 91 -> 49 µs, 16x512x7x7 222 -> 162 µs, 8x2048x7x7 310 -> 277 µs,
+  // 4x512x4x4 39 -> 29 µs; bfloat16 8x512x7x7 158 -> 105 µs (107), 16x512x4x4 148 -> 73 µs (81);
+  // but 1x2048x7x7 99 -> 113 µs and 2x512x7x7 37 -> 39 µs. Backward, float32: 16x512x4x4 58 -> 46
+  // µs (torch's 42), 16x256x5x5 43 -> 36 µs, 16x128x4x4 31 -> 25 µs, but at 7x7 even with means
+  // folded and 0.84x as fast with means kept (16x512x7x7, 5 coefficients a vector), 0.96x at
+  // 16x256x6x6; bfloat16 (vectors of 16 values) 1.2-1.8x faster at 3x3 to 7x7.
+  bool writes_rows(int64_t plane_bound, int64_t vector_values) const {
+    return by_position() || (s.batch >= kMinRowWriteBatch && s.inner >= vector_values &&
+                             s.inner < std::min(plane_bound, kShortPlane));
+  }
+
   // Calls f(c0, c1, next) on every group of channels [c0, c1), in parallel where the work is
   // worth kGrainValues values or more: waking the other threads costs more than a small input's
   // whole pass. `next`: whether the same task handles the next group, a whole one, right after
@@ -451,11 +477,11 @@ struct PlanarPlan {
 
   // Calls write(first, n, view) on runs covering the group in memory order, view(k) being the
   // run's source (Uniform or PerChannel) of the per-channel values[k][i] of channel c0 + i: a
-  // run is a plane, or by position a row of the group.
+  // run is a plane, or with `rows` (see writes_rows) a row of the group.
   template <typename acc_t, size_t K, typename Write>
-  void for_each_group_write(int64_t c0, int64_t c1, const std::array<const acc_t*, K>& values,
+  void for_each_group_write(bool rows, int64_t c0, int64_t c1, const std::array<const acc_t*, K>& values,
                             const Write& write) const {
-    if (by_position()) {
+    if (rows) {
       std::array<AlignedVector<acc_t>, K> at_position;
       for (const auto k : c10::irange(K)) {
         at_position[k] = spread(values[k], c1 - c0, s.inner);
@@ -478,17 +504,18 @@ struct PlanarPlan {
   // Folded means (not centered) are Zero and not passed at all: by position they would be
   // spread to zeros read for nothing.
   template <typename acc_t, size_t K, typename Write>
-  void for_each_group_write_centered(int64_t c0, int64_t c1, bool centered, const acc_t* hi, const acc_t* lo,
-                                     const std::array<const acc_t*, K>& values, const Write& write) const {
+  void for_each_group_write_centered(bool rows, int64_t c0, int64_t c1, bool centered, const acc_t* hi,
+                                     const acc_t* lo, const std::array<const acc_t*, K>& values,
+                                     const Write& write) const {
     if (!centered) {
-      for_each_group_write(c0, c1, values, [&](int64_t first, int64_t n, const auto& view) {
+      for_each_group_write(rows, c0, c1, values, [&](int64_t first, int64_t n, const auto& view) {
         write(first, n, Zero<acc_t>{}, Zero<acc_t>{}, view);
       });
       return;
     }
     std::array<const acc_t*, K + 2> with_mean{hi, lo};
     std::copy(values.begin(), values.end(), with_mean.begin() + 2);
-    for_each_group_write(c0, c1, with_mean, [&](int64_t first, int64_t n, const auto& view) {
+    for_each_group_write(rows, c0, c1, with_mean, [&](int64_t first, int64_t n, const auto& view) {
       write(first, n, view(0), view(1), [&](int k) { return view(k + 2); });
     });
   }
@@ -820,15 +847,17 @@ C10_ALWAYS_INLINE void fetch_next_batch_for_write(const Shape& s, T* out, int64_
   }
 }
 
-// Writes the planar group of channels [c0, c1) with the coefficients of `p` from its channel
-// `first` on (p's channel first + i is channel c0 + i), fetching x `fetch_distance` values ahead
+// Writes the planar group of channels [c0, c1), a row at a time with `rows` (see
+// PlanarPlan::writes_rows), with the coefficients of `p` from its channel `first` on (p's
+// channel first + i is channel c0 + i), fetching x `fetch_distance` values ahead
 // (see PlanarPlan::next_group_distance) and, where `fetch_output`, the output's next batch
 // (fetch_next_batch_for_write).
 template <typename scalar_t, typename acc_t>
-void write_planar_group(const PlanarPlan& plan, int64_t c0, int64_t c1, const ChannelAffine<acc_t>& p, int64_t first,
-                        NormalizeWriter<scalar_t>& writer, bool fetch_output, int64_t fetch_distance = 0) {
+void write_planar_group(const PlanarPlan& plan, bool rows, int64_t c0, int64_t c1, const ChannelAffine<acc_t>& p,
+                        int64_t first, NormalizeWriter<scalar_t>& writer, bool fetch_output,
+                        int64_t fetch_distance = 0) {
   plan.for_each_group_write_centered(
-      c0, c1, p.centered, p.mean.hi.data() + first, p.mean.lo.data() + first,
+      rows, c0, c1, p.centered, p.mean.hi.data() + first, p.mean.lo.data() + first,
       std::array<const acc_t*, 2>{p.scale.data() + first, p.shift.data() + first},
       [&](int64_t at, int64_t n, const auto& hi, const auto& lo, const auto& view) {
         if (fetch_output) {
@@ -918,7 +947,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   if (plan.by_position() && !std::is_same_v<scalar_t, acc_t>) {
     plan.for_each_group([&](int64_t c0, int64_t c1, bool /*next*/) {
       NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
-      write_planar_group(plan, c0, c1, p, c0, writer, /*fetch_output=*/false);
+      write_planar_group(plan, /*rows=*/true, c0, c1, p, c0, writer, /*fetch_output=*/false);
     });
     return;
   }
@@ -1073,6 +1102,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
                           double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const PlanarPlan plan(s, sizeof(scalar_t));
+  const bool rows = plan.writes_rows(kShortPlane, Vectorized<acc_t>::size());
   const bool fetch_output =
       fetches_output_ahead(s, sizeof(scalar_t), NormalizeWriter<scalar_t>::pass_tensors(epilogue));
   plan.for_each_group([&](int64_t c0, int64_t c1, bool next) {
@@ -1102,7 +1132,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
     // the AMD EPYC VM, 2 threads), so that its runs are not staged (see SharedLineStores).
     StagedStores<scalar_t> stage;
     NormalizeWriter<scalar_t> writer(x, y, s, epilogue, &stage);
-    write_planar_group(plan, c0, c1, affine, 0, writer, fetch_output,
+    write_planar_group(plan, rows, c0, c1, affine, 0, writer, fetch_output,
                        plan.next_group_distance(c0, c1, next, writer.stream));
   });
 }
@@ -1380,6 +1410,8 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   using acc_t = at::opmath_type<scalar_t>;
   const double n = static_cast<double>(s.count());
   const PlanarPlan plan(s, 2 * sizeof(scalar_t));
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  const bool rows = plan.writes_rows(kRowGradVectors * V, V);
   const bool fetch_output = fetches_output_ahead(s, sizeof(scalar_t), GradReader<scalar_t>::pass_tensors(prologue));
   // Flattened, so that the write pass's per-run lambdas are one loop: GCC left the run's write
   // out of line, a call per plane whose closure it read back as 16-byte loads of two 8-byte
@@ -1429,7 +1461,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
     StagedStores<scalar_t> stage;
     const int64_t fetch_distance = plan.next_group_distance(c0, c1, next, grad.stream);
     plan.for_each_group_write_centered(
-        c0, c1, centered, hi.data(), lo.data(), std::array<const acc_t*, 3>{k1.data(), k2.data(), k3.data()},
+        rows, c0, c1, centered, hi.data(), lo.data(), std::array<const acc_t*, 3>{k1.data(), k2.data(), k3.data()},
         [&](int64_t run, int64_t run_length, const auto& hi_of, const auto& lo_of, const auto& view) {
           if (fetch_output) {
             fetch_next_batch_for_write(s, dx, run, run_length);
