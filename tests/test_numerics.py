@@ -277,8 +277,9 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_count
                  + bn.bias.double().view(per_channel))
     with torch.no_grad():
         outputs = on_thread_counts((1, 2), lambda: bn(x.to(dtype)))
-    # float32: the coefficients and the result each rounded once, on values up to about 20.
-    tolerance = {torch.float32: 1e-5, torch.float64: 1e-13}[dtype]
+    # float32: the coefficients and the result each rounded once, on values up to about 20;
+    # bfloat16 (x given in bfloat16): the result rounded to 8 bits.
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-13, torch.bfloat16: 2**-8}[dtype]
     torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
     assert torch.equal(outputs[0], outputs[1]), "the result depends on the thread count"
 
@@ -291,6 +292,16 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_count
 def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_counts):
     x = (torch.randn(41, 201, plane, dtype=torch.float64) * 2 + 1).to(device)
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype, on_thread_counts)
+
+
+# bfloat16 evaluation writes NCHW planes of a vector to 63 values a row of their group at a time
+# in batches of 4 or more (see PlanarPlan::writes_rows), where a plane's run would narrow its few
+# values in scalar code; 3x3 planes (under a vector) and a batch of 3 stay plane by plane. 300
+# channels, so that groups are cut per thread.
+@pytest.mark.parametrize("shape", [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3)], ids=str)
+def test_bfloat16_eval_on_short_planes_matches_float64(shape, device, on_thread_counts):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(torch.bfloat16).double().to(device)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(shape[1]), x, torch.bfloat16, on_thread_counts)
 
 
 # Channels-last evaluation splits the rows evenly between threads, here 369 rows of 520 channels
