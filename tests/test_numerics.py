@@ -238,9 +238,9 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shap
 # on the channels computed beside it. Not where planes under 64 values come in batches of 24 or
 # more: summed by position, a group's width is part of the arithmetic. Not 1x1 planes: (N, C, 1,
 # 1) is laid out as rows of channels. Batches of 4 or more write planes of a vector or more a row
-# of the group at a time: (4, 5, 33) forward-train in every dtype and backward in bfloat16,
-# (6, 7, 4) neither, its planes shorter than a vector (so a row of one channel would be scalar
-# where a row of seven is vectors).
+# of the group at a time: (4, 5, 33) forward-train in every dtype (and backward in bfloat16
+# where a vector is 16 values), (6, 7, 4) neither in float32 and bfloat16, its planes shorter
+# than a vector (so a row of one channel would be scalar where a row of seven is vectors).
 @pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
@@ -296,8 +296,8 @@ def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_co
 
 # bfloat16 evaluation writes NCHW planes of a vector to 63 values a row of their group at a time
 # in batches of 4 or more (see PlanarPlan::writes_rows), where a plane's run would narrow its few
-# values in scalar code; 3x3 planes (under a vector) and a batch of 3 stay plane by plane. 300
-# channels, so that groups are cut per thread.
+# values in scalar code; a batch of 3 stays plane by plane, and so do 3x3 planes where a vector
+# is 16 values (AVX-512). 300 channels, so that groups are cut per thread.
 @pytest.mark.parametrize("shape", [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3)], ids=str)
 def test_bfloat16_eval_on_short_planes_matches_float64(shape, device, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(torch.bfloat16).double().to(device)

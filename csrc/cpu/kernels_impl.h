@@ -1409,13 +1409,16 @@ void sum_dy_dot_by_channel(const PlanarPlan& plan, GradReader<scalar_t>& grad, c
 // The backward of channels [c0, c1) one channel at a time, where planes are short and written as
 // runs through the cache (not streamed): a channel's sums (sum_dy_dot_by_channel on it alone),
 // then its input gradient at once, with its coefficients in registers and its planes still in
-// L1, as torch.nn's kernel does; hi and lo as in sum_dy_dot_by_position. The group's write pass after its statistics had
-// each plane's run take its coefficients from the group's arrays and read the group back from L2.
-// Operators against torch's, medians of 9 interleaved rounds, two alternating process pairs
-// (AMD EPYC Zen 4 VM, 2 threads), float32 with the means kept: 16x512x7x7 0.88-0.89x of torch's
-// speed -> 0.96-0.97x, 8x256x7x7 0.91-0.93x -> 0.99-1.00x, 8x2048x7x7 0.91-0.93x -> 0.96-0.99x,
-// 128x64x8x8 0.84-0.85x -> 0.94-0.95x, 16x256x6x6 1.02-1.03x -> 1.09-1.16x; with the means folded
-// 1.05-1.3x faster; bfloat16 at 8x8 and 6x6 even to 1.06x. The same sums and the same gradient.
+// L1, as torch.nn's kernel does; hi and lo as in sum_dy_dot_by_position. The group's write pass
+// after its statistics had each plane's run take its coefficients from the group's arrays and
+// read the group back from L2. Operators against torch's, medians of 9 interleaved rounds, two
+// alternating process pairs against that build (AMD EPYC Zen 4 VM, 2 threads), float32 with the
+// means kept: 16x512x7x7 0.89x of torch's speed -> 0.97x, 8x256x7x7 0.89x -> 0.99x, 128x64x8x8
+// 0.87-0.91x -> 0.94-0.97x, 16x256x6x6 1.07-1.09x -> 1.09-1.15x, 8x64x8x8 0.58-0.60x ->
+// 0.64-0.67x, 8x2048x7x7 even; with the means folded 1.05-1.3x faster, bfloat16 at 8x8 and 6x6
+// even to 1.06x (an experimental build of the same loops). The same sums and the same gradient.
+// The write is told its stores do not stream as a constant: given GradReader's flag, false but a
+// runtime value, the loop kept the streaming store's branch and the gain was gone.
 template <typename scalar_t>
 void backward_by_channel(const PlanarPlan& plan, GradReader<scalar_t>& grad, const scalar_t* x, scalar_t* dx,
                          int64_t c0, int64_t c1, const double* mean, const double* invstd, const double* weight,
