@@ -403,7 +403,8 @@ struct PlanarPlan {
   // but 1x2048x7x7 99 -> 113 µs and 2x512x7x7 37 -> 39 µs. Backward, float32: 16x512x4x4 58 -> 46
   // µs (torch's 42), 16x256x5x5 43 -> 36 µs, 16x128x4x4 31 -> 25 µs, but at 7x7 even with means
   // folded and 0.84x as fast with means kept (16x512x7x7, 5 coefficients a vector), 0.96x at
-  // 16x256x6x6; bfloat16 (vectors of 16 values) 1.2-1.8x faster at 3x3 to 7x7.
+  // 16x256x6x6; bfloat16 (vectors of 16 values) 1.2-1.4x faster at 4x4 to 7x7 (1.8x at 3x3,
+  // whose planes are under a vector and so stay runs).
   bool writes_rows(int64_t plane_bound, int64_t vector_values) const {
     return by_position() || (s.batch >= kMinRowWriteBatch && s.inner >= vector_values &&
                              s.inner < std::min(plane_bound, kShortPlane));
