@@ -209,10 +209,14 @@ def train_steps(bn, inputs):
 
 
 # Large enough that the kernels split the work between threads. 7x7 planes in a batch of 32
-# are summed by position across a group of channels, whose width decides which values take a
-# loop's scalar tail, so it must not follow the thread count; 5x5 and 7x7 planes in a batch of
-# 8 are written a row of such a group at a time (both passes at 5x5, forward-train at 7x7).
-@pytest.mark.parametrize("shape", [(32, 24, 20, 20), (32, 24, 7, 7), (8, 128, 5, 5), (8, 128, 7, 7)], ids=str)
+# are summed by position across a group of channels, and planes under 64 values in a batch of 8
+# are written a row of such a group at a time (both passes at 2x2 to 5x5, forward-train at 7x7):
+# the group's width follows the thread count and decides which values take a loop's scalar tail.
+# 2x2 and 3x3 planes are shorter than a vector (2x2 on AVX2, both on AVX-512), so that a row of one
+# channel would be all tail where a row of several is vectors.
+@pytest.mark.parametrize(
+    "shape", [(32, 24, 20, 20), (32, 24, 7, 7), (8, 128, 5, 5), (8, 128, 7, 7), (8, 128, 2, 2), (8, 128, 3, 3)], ids=str
+)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shape, device, on_thread_counts):
@@ -235,13 +239,14 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shap
 
 # An NCHW input too small to split between threads goes through the CPU kernels as one group of
 # channels, where a larger one is cut into groups per thread: a channel's results must not depend
-# on the channels computed beside it. Not where planes under 64 values come in batches of 24 or
-# more: summed by position, a group's width is part of the arithmetic. Not 1x1 planes: (N, C, 1,
-# 1) is laid out as rows of channels. Batches of 4 or more write planes of a vector or more a row
-# of the group at a time: (4, 5, 33) forward-train in every dtype (and backward in bfloat16
-# where a vector is 16 values), (6, 7, 4) neither in float32 and bfloat16, its planes shorter
-# than a vector (so a row of one channel would be scalar where a row of seven is vectors).
-@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4)], ids=str)
+# on the channels computed beside it. Not 1x1 planes: (N, C, 1, 1) is laid out as rows of
+# channels. Batches of 4 or more write planes under 64 values a row of the group at a time: (4,
+# 5, 33) forward-train in every dtype (and backward in bfloat16, where a vector is 16 values),
+# (6, 7, 4) both passes, its planes shorter than a vector, so that a row of one channel is a
+# loop's scalar tail where a row of seven is vectors. (24, 5, 3, 3) is summed by position, a
+# column per position of the group's rows, a channel's in vectors beside others and in the tail
+# alone.
+@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4), (24, 5, 3, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).to(dtype)
@@ -294,14 +299,18 @@ def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_co
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype, on_thread_counts)
 
 
-# bfloat16 evaluation writes NCHW planes of a vector to 63 values a row of their group at a time
-# in batches of 4 or more (see PlanarPlan::writes_rows), where a plane's run would narrow its few
-# values in scalar code; a batch of 3 stays plane by plane, and so do 3x3 planes where a vector
-# is 16 values (AVX-512). 300 channels, so that groups are cut per thread.
-@pytest.mark.parametrize("shape", [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3)], ids=str)
-def test_bfloat16_eval_on_short_planes_matches_float64(shape, device, on_thread_counts):
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(torch.bfloat16).double().to(device)
-    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(shape[1]), x, torch.bfloat16, on_thread_counts)
+# Evaluation writes NCHW planes under 64 values a row of their group at a time in batches of 4 or
+# more (see PlanarPlan::writes_rows) where a plane's run would be mostly scalar work: bfloat16's,
+# narrowed value by value, and planes shorter than a vector (2x2; 3x3 too where a vector is 16
+# values, AVX-512). A batch of 3 stays plane by plane, and float32 planes of a vector or more are
+# one stream (affine_planes). 300 channels, so that groups are cut per thread.
+@pytest.mark.parametrize(
+    "shape", [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3), (8, 300, 2, 2), (3, 300, 2, 2)], ids=str
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_eval_on_planes_under_64_values_matches_float64(dtype, shape, device, on_thread_counts):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype).double().to(device)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(shape[1]), x, dtype, on_thread_counts)
 
 
 # Channels-last evaluation splits the rows evenly between threads, here 369 rows of 520 channels

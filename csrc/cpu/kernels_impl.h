@@ -318,9 +318,9 @@ struct PlanarPlan {
   // `bytes_per_value`: the input bytes read per value of x (x, or x and dy).
   PlanarPlan(const Shape& s, int64_t bytes_per_value) : s(s), bytes_per_value(bytes_per_value) {
     const int64_t channel_bytes = std::max<int64_t>(1, s.batch * s.inner * bytes_per_value);
-    // By position a group's width decides which positions fall in a loop's scalar tail,
-    // whose rounding can differ from the vector lanes': there, the groups are cut alike
-    // whatever the thread count.
+    // By position, kPositionGroups groups whatever the thread count: a group's width decides which
+    // positions fall in a loop's scalar tail, whose rounding differed from the lanes' in backward's
+    // sums before in_a_lane. Not measured against groups per thread since.
     const int64_t tasks = by_position() ? kPositionGroups : kGroupsPerThread * at::get_num_threads();
     // An input too small to be split among threads (see for_each_group) is cut only to fit L2:
     // each group sets up its own coefficients and buffers (a dozen allocations), which at a few
@@ -393,21 +393,23 @@ struct PlanarPlan {
   // kMinRowWriteBatch rows or more, whatever the statistics pass does. A plane's run costs a run's
   // setup, which at a few vectors a plane is as much as its values, where a row is one run; but the
   // group's per-channel values are then spread to positions, each a load per vector where a run
-  // broadcasts it, and the spreading costs as many stores as a row has values. Planes shorter than
-  // a vector (`vector_values`) stay runs: a row's width follows the group's, hence the thread
-  // count, and a row narrower than a vector is computed in a scalar loop whose rounding can differ
-  // from the lanes'. Operators, medians of 9 interleaved rounds (AMD EPYC Zen 4 VM, 2 threads),
-  // rows against runs: forward-train float32 16x512x4x4 157 -> 63 µs (torch's 151), 8x1024x3x3
-  // 135 -> 67 µs (115), 16x256x5x5 91 -> 49 µs, 16x512x7x7 222 -> 162 µs, 8x2048x7x7 310 -> 277 µs,
-  // 4x512x4x4 39 -> 29 µs; bfloat16 8x512x7x7 158 -> 105 µs (107), 16x512x4x4 148 -> 73 µs (81);
-  // but 1x2048x7x7 99 -> 113 µs and 2x512x7x7 37 -> 39 µs. Backward, float32: 16x512x4x4 58 -> 46
-  // µs (torch's 42), 16x256x5x5 43 -> 36 µs, 16x128x4x4 31 -> 25 µs, but at 7x7 even with means
-  // folded and 0.84x as fast with means kept (16x512x7x7, 5 coefficients a vector), 0.96x at
-  // 16x256x6x6; bfloat16 (vectors of 16 values) 1.2-1.4x faster at 4x4 to 7x7 (1.8x at 3x3,
-  // whose planes are under a vector and so stay runs).
-  bool writes_rows(int64_t plane_bound, int64_t vector_values) const {
-    return by_position() || (s.batch >= kMinRowWriteBatch && s.inner >= vector_values &&
-                             s.inner < std::min(plane_bound, kShortPlane));
+  // broadcasts it, and the spreading costs as many stores as a row has values. Operators, medians
+  // of 9 interleaved rounds (AMD EPYC Zen 4 VM, 2 threads), rows against runs: forward-train
+  // float32 16x512x4x4 157 -> 63 µs (torch's 151), 8x1024x3x3 135 -> 67 µs (115), 16x256x5x5 91 ->
+  // 49 µs, 16x512x7x7 222 -> 162 µs, 8x2048x7x7 310 -> 277 µs, 4x512x4x4 39 -> 29 µs; bfloat16
+  // 8x512x7x7 158 -> 105 µs (107), 16x512x4x4 148 -> 73 µs (81); but 1x2048x7x7 99 -> 113 µs and
+  // 2x512x7x7 37 -> 39 µs. Backward, float32: 16x512x4x4 58 -> 46 µs (torch's 42), 16x256x5x5 43 ->
+  // 36 µs, 16x128x4x4 31 -> 25 µs, but at 7x7 even with means folded and 0.84x as fast with means
+  // kept (16x512x7x7, 5 coefficients a vector), 0.96x at 16x256x6x6; bfloat16 (vectors of 16
+  // values) 1.2-1.4x faster at 4x4 to 7x7. Planes shorter than a vector, whose runs are all scalar
+  // tails, gain most. A row's width follows the thread count, and a row narrower than a vector (one
+  // channel's) is a scalar tail too, whose values round as in a lane (in_a_lane), so that no result
+  // follows the thread count. An experimental build that chose per call: float32 (AVX2) 16x256x2x2
+  // forward-train 60 -> 27 µs (torch's 35), evaluation 26 -> 10 µs (17); bfloat16 (AVX-512)
+  // 8x1024x3x3 forward-train 161 -> 82 µs (136), evaluation 63 -> 20 µs (25), backward 134 -> 75
+  // µs (219).
+  bool writes_rows(int64_t plane_bound) const {
+    return by_position() || (s.batch >= kMinRowWriteBatch && s.inner < std::min(plane_bound, kShortPlane));
   }
 
   // Calls f(c0, c1, next) on every group of channels [c0, c1), in parallel where the work is
@@ -943,12 +945,14 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
     return;
   }
   const PlanarPlan plan(s, sizeof(scalar_t));
-  // In rows (see PlanarPlan::writes_rows) only where narrowing makes a run's scalar work costly:
-  // a group's rows lie a batch stride apart, a stream each, where plane after plane is one stream
-  // through memory. On the AMD EPYC VM, float32 evaluation at 32x2048x7x7 took 1.09 ms by
-  // position against 0.74 ms for torch's (bfloat16: 1.6x faster than torch by position, 0.9x
-  // plane by plane).
-  if (!std::is_same_v<scalar_t, acc_t> && plan.writes_rows(kShortPlane, Vectorized<acc_t>::size())) {
+  // In rows (see PlanarPlan::writes_rows) only where a run's scalar work is costly: narrowing, or
+  // planes shorter than a vector, which affine_planes does not take. A group's rows lie a batch
+  // stride apart, a stream each, where plane after plane is one stream through memory. On the AMD
+  // EPYC VM, float32 evaluation at 32x2048x7x7 took 1.09 ms by position against 0.74 ms for
+  // torch's (bfloat16: 1.6x faster than torch by position, 0.9x plane by plane); at 16x256x2x2,
+  // 10 µs in rows against 26 µs plane by plane (torch's 17).
+  const bool scalar_runs = !std::is_same_v<scalar_t, acc_t> || s.inner < Vectorized<acc_t>::size();
+  if (scalar_runs && plan.writes_rows(kShortPlane)) {
     plan.for_each_group([&](int64_t c0, int64_t c1, bool /*next*/) {
       NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
       write_planar_group(plan, /*rows=*/true, c0, c1, p, c0, writer, /*fetch_output=*/false);
@@ -1106,7 +1110,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
                           double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const PlanarPlan plan(s, sizeof(scalar_t));
-  const bool rows = plan.writes_rows(kShortPlane, Vectorized<acc_t>::size());
+  const bool rows = plan.writes_rows(kShortPlane);
   const bool fetch_output =
       fetches_output_ahead(s, sizeof(scalar_t), NormalizeWriter<scalar_t>::pass_tensors(epilogue));
   plan.for_each_group([&](int64_t c0, int64_t c1, bool next) {
@@ -1462,7 +1466,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   const double n = static_cast<double>(s.count());
   const PlanarPlan plan(s, 2 * sizeof(scalar_t));
   constexpr int64_t V = Vectorized<acc_t>::size();
-  const bool rows = plan.writes_rows(kRowGradVectors * V, V);
+  const bool rows = plan.writes_rows(kRowGradVectors * V);
   const bool fetch_output = fetches_output_ahead(s, sizeof(scalar_t), GradReader<scalar_t>::pass_tensors(prologue));
   // Flattened, so that the write pass's per-run lambdas are one loop: GCC left the run's write
   // out of line, a call per plane whose closure it read back as 16-byte loads of two 8-byte
