@@ -213,9 +213,12 @@ def train_steps(bn, inputs):
 # are written a row of such a group at a time (both passes at 2x2 to 5x5, forward-train at 7x7):
 # the group's width follows the thread count and decides which values take a loop's scalar tail.
 # 2x2 and 3x3 planes are shorter than a vector (2x2 on AVX2, both on AVX-512), so that a row of one
-# channel would be all tail where a row of several is vectors.
+# channel would be all tail where a row of several is vectors; such planes take rows in any batch
+# (2x2048 of 3x3, in bfloat16).
 @pytest.mark.parametrize(
-    "shape", [(32, 24, 20, 20), (32, 24, 7, 7), (8, 128, 5, 5), (8, 128, 7, 7), (8, 128, 2, 2), (8, 128, 3, 3)], ids=str
+    "shape",
+    [(32, 24, 20, 20), (32, 24, 7, 7), (8, 128, 5, 5), (8, 128, 7, 7), (8, 128, 2, 2), (8, 128, 3, 3), (2, 2048, 3, 3)],
+    ids=str,
 )
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -243,10 +246,11 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shap
 # channels. Batches of 4 or more write planes under 64 values a row of the group at a time: (4,
 # 5, 33) forward-train in every dtype (and backward in bfloat16, where a vector is 16 values),
 # (6, 7, 4) both passes, its planes shorter than a vector, so that a row of one channel is a
-# loop's scalar tail where a row of seven is vectors. (24, 5, 3, 3) is summed by position, a
-# column per position of the group's rows, a channel's in vectors beside others and in the tail
-# alone.
-@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4), (24, 5, 3, 3)], ids=str)
+# loop's scalar tail where a row of seven is vectors; so are (2, 7, 4)'s, which take rows in a
+# batch of 2 (forward-train in float32 and bfloat16, backward in bfloat16). (24, 5, 3, 3) is summed by
+# position, a column per position of the group's rows, a channel's in vectors beside others and
+# in the tail alone.
+@pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4), (2, 7, 4), (24, 5, 3, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).to(dtype)
@@ -302,10 +306,12 @@ def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_co
 # Evaluation writes NCHW planes under 64 values a row of their group at a time in batches of 4 or
 # more (see PlanarPlan::writes_rows) where a plane's run would be mostly scalar work: bfloat16's,
 # narrowed value by value, and planes shorter than a vector (2x2; 3x3 too where a vector is 16
-# values, AVX-512). A batch of 3 stays plane by plane, and float32 planes of a vector or more are
-# one stream (affine_planes). 300 channels, so that groups are cut per thread.
+# values, AVX-512), these in any batch. (3, 300, 7, 7) stays plane by plane, and float32 planes of
+# a vector or more are one stream (affine_planes). 300 channels, so that groups are cut per thread.
 @pytest.mark.parametrize(
-    "shape", [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3), (8, 300, 2, 2), (3, 300, 2, 2)], ids=str
+    "shape",
+    [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3), (8, 300, 2, 2), (3, 300, 2, 2), (1, 300, 3, 3)],
+    ids=str,
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_eval_on_planes_under_64_values_matches_float64(dtype, shape, device, on_thread_counts):

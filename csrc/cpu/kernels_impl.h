@@ -90,9 +90,10 @@ constexpr int64_t kGrainValues = 32768;
 // kMinPositionRows rows (see PlanarPlan::by_position).
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
-// NCHW planes of fewer than kShortPlane values in a batch of at least this many rows are written
-// a row of their group at a time (see PlanarPlan::writes_rows); backward's input gradient only
-// where a plane is under this many vectors.
+// NCHW planes of fewer than kShortPlane values in a batch of at least this many rows (any batch,
+// where a plane is shorter than a vector) are written a row of their group at a time (see
+// PlanarPlan::writes_rows); backward's input gradient only where a plane is under this many
+// vectors.
 constexpr int64_t kMinRowWriteBatch = 4;
 constexpr int64_t kRowGradVectors = 4;
 // NCHW planes shorter than this many bytes are written through the cache even where the output
@@ -407,9 +408,14 @@ struct PlanarPlan {
   // follows the thread count. An experimental build that chose per call: float32 (AVX2) 16x256x2x2
   // forward-train 60 -> 27 µs (torch's 35), evaluation 26 -> 10 µs (17); bfloat16 (AVX-512)
   // 8x1024x3x3 forward-train 161 -> 82 µs (136), evaluation 63 -> 20 µs (25), backward 134 -> 75
-  // µs (219).
-  bool writes_rows(int64_t plane_bound) const {
-    return by_position() || (s.batch >= kMinRowWriteBatch && s.inner < std::min(plane_bound, kShortPlane));
+  // µs (219). Planes shorter than `all_tail_below` (a vector, where the caller's runs would be all
+  // scalar tail) take rows from a batch of 1: bfloat16 2x512x3x3 evaluation 33 -> 21 µs (torch's
+  // 24), forward-train 69 -> 57 µs, backward 55 -> 47 µs; 1x512x3x3 evaluation 22 -> 18 µs (20);
+  // float32 2x1024x2x2 evaluation 32 -> 21 µs (21), forward-train 44 -> 35 µs. Not float32
+  // backward, whose tails have no narrowing to save: 1x2048x2x2 52 -> 64 µs, 2x64x2x2 7.4 -> 7.9 µs.
+  bool writes_rows(int64_t plane_bound, int64_t all_tail_below = 0) const {
+    const int64_t min_batch = s.inner < all_tail_below ? 1 : kMinRowWriteBatch;
+    return by_position() || (s.batch >= min_batch && s.inner < std::min(plane_bound, kShortPlane));
   }
 
   // Calls f(c0, c1, next) on every group of channels [c0, c1), in parallel where the work is
@@ -951,8 +957,9 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   // EPYC VM, float32 evaluation at 32x2048x7x7 took 1.09 ms by position against 0.74 ms for
   // torch's (bfloat16: 1.6x faster than torch by position, 0.9x plane by plane); at 16x256x2x2,
   // 10 µs in rows against 26 µs plane by plane (torch's 17).
-  const bool scalar_runs = !std::is_same_v<scalar_t, acc_t> || s.inner < Vectorized<acc_t>::size();
-  if (scalar_runs && plan.writes_rows(kShortPlane)) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  const bool scalar_runs = !std::is_same_v<scalar_t, acc_t> || s.inner < V;
+  if (scalar_runs && plan.writes_rows(kShortPlane, V)) {
     plan.for_each_group([&](int64_t c0, int64_t c1, bool /*next*/) {
       NormalizeWriter<scalar_t> writer(x, y, s, epilogue);
       write_planar_group(plan, /*rows=*/true, c0, c1, p, c0, writer, /*fetch_output=*/false);
@@ -969,7 +976,7 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   // with torch.nn in one process, one per build; Intel Xeon VM, 2 threads).
   const bool plain = !p.centered && !epilogue.residual && !epilogue.mask;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (plain && short_planes && s.inner >= at::vec::Vectorized<acc_t>::size()) {
+    if (plain && short_planes && s.inner >= V) {
       at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
         affine_planes(x, y, s.inner, s.channels, p0, p1, p.scale.data(), p.shift.data());
       });
@@ -1110,7 +1117,7 @@ void forward_train_planar(const scalar_t* x, scalar_t* y, const Shape& s, const 
                           double* invstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const PlanarPlan plan(s, sizeof(scalar_t));
-  const bool rows = plan.writes_rows(kShortPlane);
+  const bool rows = plan.writes_rows(kShortPlane, Vectorized<acc_t>::size());
   const bool fetch_output =
       fetches_output_ahead(s, sizeof(scalar_t), NormalizeWriter<scalar_t>::pass_tensors(epilogue));
   plan.for_each_group([&](int64_t c0, int64_t c1, bool next) {
@@ -1466,7 +1473,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   const double n = static_cast<double>(s.count());
   const PlanarPlan plan(s, 2 * sizeof(scalar_t));
   constexpr int64_t V = Vectorized<acc_t>::size();
-  const bool rows = plan.writes_rows(kRowGradVectors * V);
+  const bool rows = plan.writes_rows(kRowGradVectors * V, std::is_same_v<scalar_t, acc_t> ? 0 : V);
   const bool fetch_output = fetches_output_ahead(s, sizeof(scalar_t), GradReader<scalar_t>::pass_tensors(prologue));
   // Flattened, so that the write pass's per-run lambdas are one loop: GCC left the run's write
   // out of line, a call per plane whose closure it read back as 16-byte loads of two 8-byte
