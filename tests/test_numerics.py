@@ -247,9 +247,9 @@ def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, layout, shap
 # 5, 33) forward-train in every dtype (and backward in bfloat16, where a vector is 16 values),
 # (6, 7, 4) both passes, its planes shorter than a vector, so that a row of one channel is a
 # loop's scalar tail where a row of seven is vectors; so are (2, 7, 4)'s, which take rows in a
-# batch of 2 (forward-train in float32 and bfloat16, backward in bfloat16). (24, 5, 3, 3) is summed by
-# position, a column per position of the group's rows, a channel's in vectors beside others and
-# in the tail alone.
+# batch of 2 (forward-train in float32 and bfloat16, backward in bfloat16). (24, 5, 3, 3) is
+# summed by position, a column per position of the group's rows, a channel's in vectors beside
+# others and in the tail alone.
 @pytest.mark.parametrize("shape", [(3, 6, 5, 5), (4, 5, 33), (5, 7, 3), (6, 7, 4), (2, 7, 4), (24, 5, 3, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_small_planar_channels_match_each_computed_alone(dtype, shape, on_thread_counts):

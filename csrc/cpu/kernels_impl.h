@@ -91,9 +91,9 @@ constexpr int64_t kGrainValues = 32768;
 constexpr int64_t kShortPlane = 64;
 constexpr int64_t kMinPositionRows = 24;
 // NCHW planes of fewer than kShortPlane values in a batch of at least this many rows (any batch,
-// where a plane is shorter than a vector) are written a row of their group at a time (see
-// PlanarPlan::writes_rows); backward's input gradient only where a plane is under this many
-// vectors.
+// where a plane is shorter than a vector, but in float32 backward) are written a row of their
+// group at a time (see PlanarPlan::writes_rows); backward's input gradient only where a plane is
+// under this many vectors.
 constexpr int64_t kMinRowWriteBatch = 4;
 constexpr int64_t kRowGradVectors = 4;
 // NCHW planes shorter than this many bytes are written through the cache even where the output
