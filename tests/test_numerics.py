@@ -327,6 +327,31 @@ def test_channels_last_eval_split_between_threads_matches_float64(dtype, device,
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype, on_thread_counts)
 
 
+# Plain channels-last rows (no mean kept apart, no epilogue) are written by affine_run, a loop of
+# its own: it must give normalize_run's bits, here taken with a residual of zeros, which adds
+# nothing. Runs of 4·V values and more (64 channels), with single vectors and a last partial one
+# (3 channels: groups of 341 rows, 1023 values), and one shorter than an AVX2 float vector (6).
+@pytest.mark.parametrize("shape", [(4, 64, 5, 5), (7, 3, 11, 13), (1, 3, 1, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, device, on_thread_counts):
+    channels = shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels, device=device) + 0.5, torch.rand(channels, device=device) - 0.5
+    running_mean, running_var = torch.rand(channels, device=device) - 0.5, torch.rand(channels, device=device) + 0.5
+    if dtype == torch.float64:
+        weight, bias, running_mean, running_var = (t.double() for t in (weight, bias, running_mean, running_var))
+    args = (x, weight, bias, running_mean, running_var)
+
+    def both():
+        plain = torch_bn.ops.forward_eval_act(*args, None, 1e-5, "identity", 0.0)[0]
+        with_epilogue = torch_bn.ops.forward_eval_act(*args, torch.zeros_like(x), 1e-5, "identity", 0.0)[0]
+        return plain, with_epilogue
+
+    for plain, with_epilogue in on_thread_counts((1, 2), both):
+        assert plain.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(plain, with_epilogue)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_empty_batch_matches_torch(layout, training, device):
