@@ -444,8 +444,10 @@ inline void store_step(const std::array<Vectorized<acc_t>, 2>& step, T* y, const
   store_pair(step[0], step[1], y, stores);
 }
 
-// Writes y[i] = value(i) for i in [0, n) as T: in the accumulation type a vector at a time; in
-// half and bfloat16 two vectors at a time, narrowed in registers (store_pair; at::vec::convert
+// Writes y[i] = value(i) for i in [0, n) as T: in the accumulation type four vectors computed
+// before any is stored, then a vector at a time (the compiler cannot load a vector's inputs ahead
+// of the previous store, which might alias them; four at a time, their loads overlap); in half
+// and bfloat16 two vectors at a time, narrowed in registers (store_pair; at::vec::convert
 // narrows one value at a time), then one vector. The last values, fewer than a vector, are then
 // written as the vector ending at n, which rewrites values already written with the same ones
 // (lanes are computed alike, and y is not an input): at 14x14 a plane is 12 vectors of 16
@@ -461,7 +463,11 @@ inline void store_step(const std::array<Vectorized<acc_t>, 2>& step, T* y, const
 // steps) reloaded five pointers, each through a reference, per 16 values. With its own copy the
 // channels-last bfloat16 backward at 32x64x56x56 took 2.8-3.1 ms against 3.3-3.5 (1.50-1.52x
 // torch's against 1.23-1.30x; interleaved old/new processes, 2 threads, AMD EPYC VM), float32
-// and planar backward within noise.
+// and planar backward within noise. Four vectors a step against one (operators alternated in one
+// process, a copy of x between calls, medians of 200-300 calls; AMD EPYC Zen 4 VM, 2 threads):
+// affine_run's channels-last evaluation as fast as its earlier loop of its own, with the same
+// steps (0.95-1.09x at 32x128x28x28 to 32x512x7x7, either call order); float32 backward
+// 0.94-1.20x, which of the two ran first mattering more than the step.
 template <typename acc_t, typename T, typename VectorValue, typename ScalarValue, typename StepValue = NoSteps>
 TORCH_BN_FLATTEN inline void write_run(T* y, int64_t n, bool stream, const VectorValue& vector_value_of,
                                        const ScalarValue& scalar_value, const StepValue& step_value_of = {}) {
@@ -471,6 +477,13 @@ TORCH_BN_FLATTEN inline void write_run(T* y, int64_t n, bool stream, const Vecto
   const RunStores stores(y, n * static_cast<int64_t>(sizeof(T)), stream);
   int64_t i = 0;
   if constexpr (std::is_same_v<T, acc_t>) {
+    for (; i + 4 * V <= n; i += 4 * V) {
+      const std::array<Vectorized<acc_t>, 4> v{vector_value(i), vector_value(i + V), vector_value(i + 2 * V),
+                                               vector_value(i + 3 * V)};
+      for (int k = 0; k < 4; ++k) {
+        stores.put(v[k], y + i + k * V);
+      }
+    }
     for (; i + V <= n; i += V) {
       stores.put(vector_value(i), y + i);
     }
@@ -1501,34 +1514,16 @@ TORCH_BN_FLATTEN inline void affine_planes(const T* x, T* y, int64_t plane, int6
 }
 
 // y = x · scale[i] + shift[i] over a run whose coefficients are per value (channels-last rows,
-// tiled over a group of rows), four vectors loaded and computed before they are stored: what
-// normalize_run computes with no mean kept apart, no epilogue and no non-temporal stores, bit for
-// bit, and faster (see normalize_impl). T is its own accumulation type (float, double).
+// tiled over a group of rows) through the cache: what normalize_run computes with no mean kept
+// apart, no epilogue and no non-temporal stores, bit for bit, and faster (see normalize_impl). T
+// is its own accumulation type (float, double).
 template <typename T>
 inline void affine_run(const T* x, T* y, int64_t n, const T* scale, const T* shift) {
   using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size();
-  const auto value = [&](int64_t i) {
-    return fused_multiply_add(Vec::loadu(x + i), Vec::loadu(scale + i), Vec::loadu(shift + i));
-  };
-  int64_t i = 0;
-  for (; i + 4 * V <= n; i += 4 * V) {
-    const std::array<Vec, 4> v{value(i), value(i + V), value(i + 2 * V), value(i + 3 * V)};
-    for (int k = 0; k < 4; ++k) {
-      v[k].store(y + i + k * V);
-    }
-  }
-  for (; i + V <= n; i += V) {
-    value(i).store(y + i);
-  }
-  if (i < n && n >= V) {
-    // The vector ending at n, rewriting values already written with the same ones (write_run).
-    value(n - V).store(y + n - V);
-    return;
-  }
-  for (; i < n; ++i) {
-    y[i] = in_a_lane<T>(fused_multiply_add, x[i], scale[i], shift[i]);
-  }
+  write_run<T>(
+      y, n, /*stream=*/false,
+      [=](int64_t i) { return fused_multiply_add(Vec::loadu(x + i), Vec::loadu(scale + i), Vec::loadu(shift + i)); },
+      [=](int64_t i) { return in_a_lane<T>(fused_multiply_add, x[i], scale[i], shift[i]); });
 }
 
 } // namespace CPU_CAPABILITY

@@ -931,14 +931,14 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
         fence_streamed_stores();
       });
     };
-    // Plain rows written through the cache by a loop of their own (affine_run). Against
-    // normalize_run's (operators, the two alternated call by call in one process with a copy of
-    // x between calls, medians of 200-400 calls; AMD EPYC Zen 4 VM, 2 threads): float32
-    // channels-last evaluation 4-14% faster (32x128x28x28 542 -> 490 µs, 32x512x14x14 702 ->
-    // 639, 32x2048x7x7 800 -> 768, 32x512x7x7 93 -> 83; one thread, 32x256x14x14 273 -> 237),
-    // forward-train 3-7% (32x128x28x28 472 -> 440, 32x64x56x56 1242 -> 1203). Without the copy
-    // between them, a call's place in the rotation moved it by more than that: the call right
-    // after torch's operator took 10-25% longer, whichever loop it ran.
+    // Plain rows written through the cache by write_run, four vectors a step (affine_run).
+    // Against normalize_run's steps of two (operators, the two alternated call by call in one
+    // process with a copy of x between calls, medians of 200-400 calls; AMD EPYC Zen 4 VM, 2
+    // threads): float32 channels-last evaluation 4-14% faster (32x128x28x28 542 -> 490 µs,
+    // 32x512x14x14 702 -> 639, 32x2048x7x7 800 -> 768, 32x512x7x7 93 -> 83; one thread,
+    // 32x256x14x14 273 -> 237), forward-train 3-7% (32x128x28x28 472 -> 440, 32x64x56x56 1242 ->
+    // 1203). Without the copy between them, a call's place in the rotation moved it by more than
+    // that: the call right after torch's operator took 10-25% longer, whichever loop it ran.
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (plain && !streams_output(s, sizeof(scalar_t), NormalizeWriter<scalar_t>::pass_tensors(epilogue))) {
         write_rows([&](int64_t r0, int64_t r1) {
