@@ -466,8 +466,8 @@ inline void store_step(const std::array<Vectorized<acc_t>, 2>& step, T* y, const
 // and planar backward within noise. Four vectors a step against one (operators alternated in one
 // process, a copy of x between calls, medians of 200-300 calls; AMD EPYC Zen 4 VM, 2 threads):
 // affine_run's channels-last evaluation as fast as its earlier loop of its own, with the same
-// steps (0.95-1.09x at 32x128x28x28 to 32x512x7x7, either call order); float32 backward
-// 0.94-1.20x, which of the two ran first mattering more than the step.
+// steps (0.95-1.09x at five shapes from 32x512x7x7 to 32x64x56x56, either call order); float32
+// backward 0.94-1.20x, which of the two ran first mattering more than the step.
 template <typename acc_t, typename T, typename VectorValue, typename ScalarValue, typename StepValue = NoSteps>
 TORCH_BN_FLATTEN inline void write_run(T* y, int64_t n, bool stream, const VectorValue& vector_value_of,
                                        const ScalarValue& scalar_value, const StepValue& step_value_of = {}) {
