@@ -327,10 +327,11 @@ def test_channels_last_eval_split_between_threads_matches_float64(dtype, device,
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype, on_thread_counts)
 
 
-# Plain channels-last rows (no mean kept apart, no epilogue) are written by affine_run, a loop of
-# its own: it must give normalize_run's bits, here taken with a residual of zeros, which adds
-# nothing. Runs of 4·V values and more (64 channels), with single vectors and a last partial one
-# (3 channels: groups of 341 rows, 1023 values), and one shorter than an AVX2 float vector (6).
+# Plain channels-last rows (no mean kept apart, no epilogue) are written by affine_run through
+# write_run, not by normalize_run: they must give normalize_run's bits, here taken with a residual
+# of zeros, which adds nothing. Runs of 4·V values and more (64 channels), with single vectors and
+# a last partial one (3 channels: groups of 341 rows, 1023 values), and one shorter than an AVX2
+# float vector (6).
 @pytest.mark.parametrize("shape", [(4, 64, 5, 5), (7, 3, 11, 13), (1, 3, 1, 2)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, device, on_thread_counts):

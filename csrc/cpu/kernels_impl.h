@@ -911,8 +911,9 @@ template <typename scalar_t>
 void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
                     const Epilogue& epilogue, bool recent_first = false) {
   using acc_t = at::opmath_type<scalar_t>;
-  // Float values with no mean kept apart from the shift and no epilogue: y = x · scale + shift.
-  const bool plain = std::is_same_v<scalar_t, acc_t> && !p.centered && !epilogue.residual && !epilogue.mask;
+  // No mean kept apart from the shift and no epilogue: y = x · scale + shift. Only float and
+  // double values have loops of their own for it (the `if constexpr` blocks below).
+  const bool plain = !p.centered && !epilogue.residual && !epilogue.mask;
   if (s.rows) {
     const RowPlan plan(s);
     // write(r0, r1) writes rows [r0, r1).
