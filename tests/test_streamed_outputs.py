@@ -39,7 +39,8 @@ SLICES = 4
 
 # NCHW (N, C, H, W) at float32 whose backward (x, dy and dx: 16 MiB) is under the bound but
 # reaches half of it: the input gradient is written through the cache, each next batch's lines
-# fetched ahead (fetches_output_ahead), in 14x14 planes and in 7x7 rows.
+# fetched ahead (fetches_output_ahead), in 14x14 planes and in 7x7 rows, whose statistics fetch
+# each next row of x and dy too (moves_past_cache).
 FETCHED_SHAPES = [(8, 896, 14, 14), (32, 896, 7, 7)]
 
 # channels-last float32 (N, C, H, W) whose x alone reaches the bound: the forward statistics read
