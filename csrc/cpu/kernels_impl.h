@@ -1393,21 +1393,22 @@ bool fold_grad_coefficients(int64_t c0, int64_t c1, bool training, const double*
 // 0.26 ms against 0.14 ms now (torch's 0.14), the whole backward 0.44 against 0.32 ms (torch's
 // 0.33), 1.56 against 1.38 ms at 256x512x4x4 and 0.43 against 0.21 ms in bfloat16; at
 // ResNet-50's 7x7 shapes even to 1.14x faster (bfloat16 32x512x7x7).
-// With `fetch_next_row` each row's x and dy fetch the next batch's row first: a row is a few KiB,
-// a channel count of planes apart, a new stream each that the hardware prefetchers learn too
-// late. Operators, medians of 9 interleaved rounds (AMD EPYC Zen 4 VM, 2 threads): the
-// statistics 1.45-1.61 -> 0.90-0.99 ms at 32x2048x7x7 float32, the whole backward 2.65-2.75 ->
-// 2.13-2.15 ms (torch's 4.5); 64x2048x7x7 bfloat16 1.96 against 2.67 ms. From the cache it
-// costs: 32x512x7x7 float32 backward 0.30 -> 0.32-0.33 ms, 24x1024x7x7 0.38-0.48 -> 0.46-0.51 ms.
+// With a `fetch_distance` (values from a row to the next batch's, or 0), each row's x and dy fetch
+// the next batch's row first: a row is a few KiB, a channel count of planes apart, a new stream
+// each that the hardware prefetchers learn too late. Operators, medians of 9 interleaved rounds
+// (AMD EPYC Zen 4 VM, 2 threads): the statistics 1.45-1.61 -> 0.90-0.99 ms at 32x2048x7x7
+// float32, the whole backward 2.65-2.75 -> 2.13-2.15 ms (torch's 4.5); 64x2048x7x7 bfloat16 1.96
+// against 2.67 ms. From the cache it costs: 32x512x7x7 float32 backward 0.30 -> 0.32-0.33 ms,
+// 24x1024x7x7 0.38-0.48 -> 0.46-0.51 ms.
 template <typename scalar_t>
 void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, const scalar_t* x, int64_t c0,
                             int64_t c1, const at::opmath_type<scalar_t>* hi, const at::opmath_type<scalar_t>* lo,
-                            bool fetch_next_row, double* sum_dy, double* sum_dy_xmu) {
+                            int64_t fetch_distance, double* sum_dy, double* sum_dy_xmu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = c1 - c0;
   const int64_t inner = plan.s.inner;
   const int64_t width = channels * inner;
-  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
+  const FetchAhead next_row = FetchAhead::of<scalar_t>(x, grad.dy, fetch_distance);
   const auto hi_at = spread(hi, channels, inner), lo_at = spread(lo, channels, inner);
   AlignedVector<acc_t> sums(width), dots(width);
   plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t /*offset: 0*/, int64_t /*length: inner*/) {
@@ -1415,11 +1416,7 @@ void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, 
     std::fill(dots.begin(), dots.end(), acc_t(0));
     for (const auto b : c10::irange(b0, b1)) {
       const int64_t row = plan.plane(b, c0);
-      if (fetch_next_row && b + 1 < plan.s.batch) {
-        const int64_t next = plan.plane(b + 1, c0);
-        prefetch_lines(reinterpret_cast<uintptr_t>(x + next), row_bytes);
-        prefetch_lines(reinterpret_cast<uintptr_t>(grad.dy + next), row_bytes);
-      }
+      next_row.fetch(row, width);
       for_each_chunk(width, [&](int64_t at, int64_t n) {
         grad.read(row + at, n, /*store_residual_grad=*/true, [&](const auto& dz) {
           reduce_dy_dot_rows<acc_t>(dz, x + row + at, 1, n, PerChannel<acc_t>{hi_at.data() + at},
@@ -1517,6 +1514,8 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   const bool rows = plan.writes_rows(kRowGradVectors * V, std::is_same_v<scalar_t, acc_t> ? 0 : V);
   const int64_t tensors = GradReader<scalar_t>::pass_tensors(prologue);
   const bool fetch_output = fetches_output_ahead(s, sizeof(scalar_t), tensors);
+  // By position, the same positions of the next batch's row (see sum_dy_dot_by_position).
+  const int64_t row_fetch_distance = moves_past_cache(s, sizeof(scalar_t), tensors) ? s.channels * s.inner : 0;
   // Flattened, so that the write pass's per-run lambdas are one loop: GCC left the run's write
   // out of line, a call per plane whose closure it read back as 16-byte loads of two 8-byte
   // stores, a failed store forward per plane (in a profile, the instruction after that load took
@@ -1535,8 +1534,7 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
       sum_dy_xmu[c0 + i] = 0;
     }
     if (plan.by_position()) {
-      sum_dy_dot_by_position(plan, grad, x, c0, c1, hi.data(), lo.data(),
-                             /*fetch_next_row=*/moves_past_cache(s, sizeof(scalar_t), tensors), sum_dy, sum_dy_xmu);
+      sum_dy_dot_by_position(plan, grad, x, c0, c1, hi.data(), lo.data(), row_fetch_distance, sum_dy, sum_dy_xmu);
     } else if (plan.channel_by_channel()) {
       // Where the group's write pass would write rows, stream, or fetch ahead, it stays.
       if (dx && !rows && !grad.stream && !fetch_output) {
