@@ -1,5 +1,5 @@
 // CPU implementations of the torch_bn operators: argument checks, layout and allocation here;
-// the loops in kernels_impl.h.
+// the loops behind kernels.h, in kernels_impl.h and the headers it includes.
 #include "../activation.h"
 #include "../layout.h"
 #include "../op_checks.h"
