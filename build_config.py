@@ -41,7 +41,14 @@ def cxx_flags(environ, openmp):
     # -g0 undoes the -g of Python's own compile flags: the kernel files' template-heavy code
     # compiled 1.7x slower with it (GCC 12, kernels_avx2.cpp 102 s against 59 s) into an object
     # 32x as large, and the library came to 103 MB.
-    flags = ["-O3", "-std=c++17", "-g0"]
+    # -fno-math-errno: std::sqrt may set errno, so GCC keeps the per-channel loops that take one
+    # (1/sqrt(var + eps) for each channel) scalar, with a branch to the library call. Nothing
+    # here reads errno, and SIMD square roots round as the scalar one does: outputs are bitwise
+    # the same. At 2048 channels the evaluation scales took 7.8 µs scalar, 4.0 with SSE2 and 2.0
+    # with AVX2 (a standalone loop, AMD EPYC Zen 4 VM); the module's evaluation at 1x2048x1x1
+    # went from 23.4-24.3 µs to 19.6-19.8 (torch.nn's 16.4-17.2; medians of 9 interleaved rounds,
+    # 2 threads, two processes each).
+    flags = ["-O3", "-std=c++17", "-g0", "-fno-math-errno"]
     if openmp:
         # at::parallel_for is header code: without -fopenmp it would run on one thread.
         flags.append("-fopenmp")

@@ -65,6 +65,12 @@ def test_no_debug_info(openmp):
     assert "-g0" in build_config.cxx_flags({}, openmp)
 
 
+@pytest.mark.parametrize("openmp", [True, False])
+def test_square_roots_can_vectorize(openmp):
+    # Without it, the per-channel 1/sqrt(var + eps) loops stay scalar (see cxx_flags).
+    assert "-fno-math-errno" in build_config.cxx_flags({}, openmp)
+
+
 def test_extension_kernels_are_linked_last():
     # The first object linked gives every caller its copy of a template instantiation that
     # several objects define (see link_order): the portable objects, CUDA's too, come first.
