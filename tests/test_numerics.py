@@ -306,8 +306,8 @@ def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_co
 # Evaluation writes NCHW planes under 64 values a row of their group at a time in batches of 4 or
 # more (see PlanarPlan::writes_rows) where a plane's run would be mostly scalar work: bfloat16's,
 # narrowed value by value, and planes shorter than a vector (2x2; 3x3 too where a vector is 16
-# values, AVX-512), these in any batch. (3, 300, 7, 7) stays plane by plane, and float32 planes of
-# a vector or more are one stream (affine_planes). 300 channels, so that groups are cut per thread.
+# values, AVX-512), these in any batch. (3, 300, 7, 7) and float32 planes of a vector or more are
+# one stream (affine_planes). 300 channels, so that groups are cut per thread.
 @pytest.mark.parametrize(
     "shape",
     [(8, 300, 5, 5), (8, 300, 7, 7), (3, 300, 7, 7), (8, 300, 3, 3), (8, 300, 2, 2), (3, 300, 2, 2), (1, 300, 3, 3)],
@@ -327,21 +327,16 @@ def test_channels_last_eval_split_between_threads_matches_float64(dtype, device,
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype, on_thread_counts)
 
 
-# Plain channels-last rows (no mean kept apart, no epilogue) are written by affine_run through
-# write_run, not by normalize_run: they must give normalize_run's bits, here taken with a residual
-# of zeros, which adds nothing. Runs of 4·V values and more (64 channels), with single vectors and
-# a last partial one (3 channels: groups of 341 rows, 1023 values), and one shorter than an AVX2
-# float vector (6).
-@pytest.mark.parametrize("shape", [(4, 64, 5, 5), (7, 3, 11, 13), (1, 3, 1, 2)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, device, on_thread_counts):
-    channels = shape[1]
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
-    weight, bias = torch.rand(channels, device=device) + 0.5, torch.rand(channels, device=device) - 0.5
-    running_mean, running_var = torch.rand(channels, device=device) - 0.5, torch.rand(channels, device=device) + 0.5
-    if dtype == torch.float64:
-        weight, bias, running_mean, running_var = (t.double() for t in (weight, bias, running_mean, running_var))
-    args = (x, weight, bias, running_mean, running_var)
+def check_plain_matches_epilogue(x, on_thread_counts):
+    """Plain evaluation (no mean kept apart, no epilogue) has write loops of its own, not
+    normalize_run: of x (its dtype and layout) it must give normalize_run's bits, here taken with
+    a residual of zeros, which adds nothing; on one thread and on two."""
+    channels = x.shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.rand(channels) - 0.5
+    # |mean·scale| < 1 in every channel, so that each mean folds into its shift and the call is
+    # plain (see FoldedMeans).
+    running_mean, running_var = (torch.rand(channels) - 0.5) / 2, torch.rand(channels) + 0.5
+    args = (x, *(t.to(x.device, x.dtype) for t in (weight, bias, running_mean, running_var)))
 
     def both():
         plain = torch_bn.ops.forward_eval_act(*args, None, 1e-5, "identity", 0.0)[0]
@@ -349,8 +344,30 @@ def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, dev
         return plain, with_epilogue
 
     for plain, with_epilogue in on_thread_counts((1, 2), both):
-        assert plain.is_contiguous(memory_format=torch.channels_last)
+        assert plain.stride() == x.stride()
         assert torch.equal(plain, with_epilogue)
+
+
+# Plain channels-last rows are written by affine_run through write_run: runs of 4·V values and
+# more (64 channels), with single vectors and a last partial one (3 channels: groups of 341 rows,
+# 1023 values), and one shorter than an AVX2 float vector (6).
+@pytest.mark.parametrize("shape", [(4, 64, 5, 5), (7, 3, 11, 13), (1, 3, 1, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, device, on_thread_counts):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
+    check_plain_matches_epilogue(x, on_thread_counts)
+
+
+# Plain NCHW planes under 512 bytes and of a vector or more are written on the CPU as one stream
+# (affine_planes), half and bfloat16 widened and narrowed in registers: one AVX-512 float vector
+# (4x4), 7x7 in a batch under 4 (larger batches write such planes by rows), 100 values (10x10: in
+# no batch by rows) and the longest half plane under 512 bytes (15x17). The longer float32 and
+# float64 planes are written plane by plane, as their epilogue is.
+@pytest.mark.parametrize("shape", [(1, 300, 4, 4), (3, 300, 7, 7), (5, 300, 10, 10), (1, 64, 15, 17)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+def test_plain_short_planes_match_those_with_an_epilogue_on_cpu(dtype, shape, on_thread_counts):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
+    check_plain_matches_epilogue(x, on_thread_counts)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -8,6 +8,7 @@
 #include "run_stores.h"
 #include "vector_loads.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <array>
@@ -127,41 +128,43 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
 // y = x · scale[c] + shift[c] over the whole NCHW planes [p0, p1), `plane` values each (at least
 // V), walked as one stream: a vector that straddles two planes takes each lane's coefficients
 // from its own plane, blended in registers, so that a short plane costs no loop and no scalar or
-// overlapping last vector of its own. T is its own accumulation type (float, double).
-template <typename T>
+// overlapping last vector of its own. Computed in T's accumulation type, as normalize_run does,
+// bit for bit; half and bfloat16 are widened and narrowed in registers, V values at a time.
+template <typename T, typename acc_t = at::opmath_type<T>>
 TORCH_BN_FLATTEN inline void affine_planes(const T* x, T* y, int64_t plane, int64_t channels, int64_t p0, int64_t p1,
-                                           const T* scale, const T* shift) {
-  using Vec = Vectorized<T>;
+                                           const acc_t* scale, const acc_t* shift) {
+  using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const Vec lane = Vec::arange(T(0), T(1));
+  const RunStores through_cache(y, 0, /*stream=*/false);
+  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
   const int64_t first = p0 * plane;
   const int64_t n = (p1 - p0) * plane;
   int64_t c = p0 % channels;
   Vec scale_c(scale[c]), shift_c(shift[c]);
   const auto value = [&](int64_t i, const Vec& s, const Vec& b) {
-    return at::vec::fmadd(Vec::loadu(x + first + i), s, b);
+    return at::vec::fmadd(load<acc_t>(x + first + i), s, b);
   };
+  const auto store = [&](const Vec& v, int64_t i) { store_one(v, y + first + i, through_cache); };
   int64_t left = plane;  // values of channel c's plane from i on
   int64_t i = 0;
   for (; i + V <= n; i += V) {
     if (left > V) {
-      value(i, scale_c, shift_c).store(y + first + i);
+      store(value(i, scale_c, shift_c), i);
       left -= V;
       continue;
     }
     // Lanes from `left` on belong to the next plane (none when left == V).
     c = c + 1 == channels ? 0 : c + 1;
     const Vec scale_next(scale[c]), shift_next(shift[c]);
-    const Vec next_lanes = lane >= Vec(static_cast<T>(left));
-    value(i, Vec::blendv(scale_c, scale_next, next_lanes), Vec::blendv(shift_c, shift_next, next_lanes))
-        .store(y + first + i);
+    const Vec next_lanes = lane >= Vec(static_cast<acc_t>(left));
+    store(value(i, Vec::blendv(scale_c, scale_next, next_lanes), Vec::blendv(shift_c, shift_next, next_lanes)), i);
     scale_c = scale_next;
     shift_c = shift_next;
     left += plane - V;
   }
   if (i < n) {
     // The last V values lie in the last plane, whose coefficients these are.
-    value(n - V, scale_c, shift_c).store(y + first + n - V);
+    store(value(n - V, scale_c, shift_c), n - V);
   }
 }
 
