@@ -327,47 +327,53 @@ def test_channels_last_eval_split_between_threads_matches_float64(dtype, device,
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(520), x, dtype, on_thread_counts)
 
 
-def check_plain_matches_epilogue(x, on_thread_counts):
-    """Plain evaluation (no mean kept apart, no epilogue) has write loops of its own, not
-    normalize_run: of x (its dtype and layout) it must give normalize_run's bits, here taken with
-    a residual of zeros, which adds nothing; on one thread and on two."""
+# Running means within ±1/4 fold into the shift in every channel (|mean·scale| < 1, see
+# FoldedMeans); within ±4, most channels keep theirs apart and some fold it.
+FOLDED_MEANS, KEPT_MEANS = 0.5, 8.0
+
+
+def check_no_epilogue_matches_zero_residual(x, mean_spread, on_thread_counts):
+    """Evaluation without an epilogue has write loops of its own, not normalize_run: of x (its
+    dtype and layout), with running means uniform over a width of mean_spread, it must give
+    normalize_run's bits, here taken with a residual of zeros, which adds nothing; on one thread
+    and on two."""
     channels = x.shape[1]
     weight, bias = torch.rand(channels) + 0.5, torch.rand(channels) - 0.5
-    # |mean·scale| < 1 in every channel, so that each mean folds into its shift and the call is
-    # plain (see FoldedMeans).
-    running_mean, running_var = (torch.rand(channels) - 0.5) / 2, torch.rand(channels) + 0.5
+    running_mean, running_var = (torch.rand(channels) - 0.5) * mean_spread, torch.rand(channels) + 0.5
     args = (x, *(t.to(x.device, x.dtype) for t in (weight, bias, running_mean, running_var)))
 
     def both():
-        plain = torch_bn.ops.forward_eval_act(*args, None, 1e-5, "identity", 0.0)[0]
-        with_epilogue = torch_bn.ops.forward_eval_act(*args, torch.zeros_like(x), 1e-5, "identity", 0.0)[0]
-        return plain, with_epilogue
+        no_epilogue = torch_bn.ops.forward_eval_act(*args, None, 1e-5, "identity", 0.0)[0]
+        zero_residual = torch_bn.ops.forward_eval_act(*args, torch.zeros_like(x), 1e-5, "identity", 0.0)[0]
+        return no_epilogue, zero_residual
 
-    for plain, with_epilogue in on_thread_counts((1, 2), both):
-        assert plain.stride() == x.stride()
-        assert torch.equal(plain, with_epilogue)
+    for no_epilogue, zero_residual in on_thread_counts((1, 2), both):
+        assert no_epilogue.stride() == x.stride()
+        assert torch.equal(no_epilogue, zero_residual)
 
 
-# Plain channels-last rows are written by affine_run through write_run: runs of 4·V values and
-# more (64 channels), with single vectors and a last partial one (3 channels: groups of 341 rows,
-# 1023 values), and one shorter than an AVX2 float vector (6).
+# Channels-last rows with every mean folded are written by affine_run through write_run: runs of
+# 4·V values and more (64 channels), with single vectors and a last partial one (3 channels:
+# groups of 341 rows, 1023 values), and one shorter than an AVX2 float vector (6).
 @pytest.mark.parametrize("shape", [(4, 64, 5, 5), (7, 3, 11, 13), (1, 3, 1, 2)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_plain_channels_last_rows_match_those_with_an_epilogue(dtype, shape, device, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(device, dtype, memory_format=torch.channels_last)
-    check_plain_matches_epilogue(x, on_thread_counts)
+    check_no_epilogue_matches_zero_residual(x, FOLDED_MEANS, on_thread_counts)
 
 
-# Plain NCHW planes under 512 bytes and of a vector or more are written on the CPU as one stream
-# (affine_planes), half and bfloat16 widened and narrowed in registers: one AVX-512 float vector
-# (4x4), 7x7 in a batch under 4 (larger batches write such planes by rows), 100 values (10x10: in
-# no batch by rows) and the longest half plane under 512 bytes (15x17). The longer float32 and
-# float64 planes are written plane by plane, as their epilogue is.
+# NCHW planes under 512 bytes and of a vector or more are written on the CPU as one stream
+# (affine_planes), with the means folded or kept, half and bfloat16 widened and narrowed in
+# registers: one AVX-512 float vector (4x4), 7x7 in a batch under 4 (larger batches write such
+# planes by rows), 100 values (10x10: in no batch by rows) and the longest half plane under 512
+# bytes (15x17). The longer float32 and float64 planes are written plane by plane, as their
+# epilogue is.
+@pytest.mark.parametrize("mean_spread", [FOLDED_MEANS, KEPT_MEANS], ids=["folded", "kept"])
 @pytest.mark.parametrize("shape", [(1, 300, 4, 4), (3, 300, 7, 7), (5, 300, 10, 10), (1, 64, 15, 17)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
-def test_plain_short_planes_match_those_with_an_epilogue_on_cpu(dtype, shape, on_thread_counts):
+def test_short_planes_without_an_epilogue_match_those_with_one_on_cpu(dtype, shape, mean_spread, on_thread_counts):
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).to(dtype)
-    check_plain_matches_epilogue(x, on_thread_counts)
+    check_no_epilogue_matches_zero_residual(x, mean_spread, on_thread_counts)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

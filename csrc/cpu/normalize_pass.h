@@ -176,9 +176,11 @@ template <typename scalar_t>
 void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const ChannelAffine<at::opmath_type<scalar_t>>& p,
                     const Epilogue& epilogue, bool recent_first = false) {
   using acc_t = at::opmath_type<scalar_t>;
-  // No mean kept apart from the shift and no epilogue: y = x · scale + shift. Only float and
-  // double values have loops of their own for it (the `if constexpr` blocks below).
-  const bool plain = !p.centered && !epilogue.residual && !epilogue.mask;
+  // No mean kept apart from the shift and no epilogue: y = x · scale + shift. Channels-last rows
+  // have a loop of their own for it in float and double (the `if constexpr` block below); short
+  // NCHW planes without an epilogue have one in every dtype, a kept mean or not.
+  const bool no_epilogue = !epilogue.residual && !epilogue.mask;
+  const bool plain = !p.centered && no_epilogue;
   if (s.rows) {
     const RowPlan plan(s);
     // write(r0, r1) writes rows [r0, r1).
@@ -258,20 +260,29 @@ void normalize_impl(const scalar_t* x, scalar_t* y, const Shape& s, const Channe
   const int64_t grain = std::max<int64_t>(1, kGrainValues / s.inner);
   // Planes shorter than kMinSharedLinePlane write through the cache.
   const bool short_planes = s.inner * static_cast<int64_t>(sizeof(scalar_t)) < kMinSharedLinePlane;
-  // Short planes without an epilogue or a kept mean as one stream (affine_planes), where a
-  // plane's own loop costs as much as its values. Eval at 32x512x7x7 float32 1.03-1.06x over
-  // torch.nn's so, against 0.97-0.99x plane by plane; 32x2048x7x7 1.03-1.04x against 0.98-1.02x;
-  // at 14x14 and 28x28 (784 bytes a plane or more) within 1% of plane by plane (interleaved
-  // with torch.nn in one process, one per build; Intel Xeon VM, 2 threads). Half and bfloat16
+  // Short planes without an epilogue as one stream (affine_planes), where a plane's own loop
+  // costs as much as its values. Eval at 32x512x7x7 float32 1.03-1.06x over torch.nn's so,
+  // against 0.97-0.99x plane by plane; 32x2048x7x7 1.03-1.04x against 0.98-1.02x; at 14x14 and
+  // 28x28 (784 bytes a plane or more) within 1% of plane by plane (interleaved with torch.nn in
+  // one process, one per build; Intel Xeon VM, 2 threads; no mean kept). Half and bfloat16
   // planes too, widened in registers, where the rows above leave them to a loop per plane: the
   // evaluation operator at 1x2048x7x7 bfloat16 took 29.0-29.3 µs so against 36.7-37.0 µs on one
   // thread (23.0-23.5 against 27.5-27.8 on two), float16 31.5-32.2 against 34.6-35.0, 3x300x7x7
   // bfloat16 11.9 against 15.0-16.6 (3 alternating process pairs, medians of 9; AMD EPYC Zen 4
   // VM). Ahead of the rows it was slower at 32x512x7x7 bfloat16 (133 against 107 µs on one
-  // thread), so the rows keep the planes they write.
-  if (plain && short_planes && s.inner >= V) {
+  // thread), so the rows keep the planes they write. Calls that keep some means apart too (2
+  // alternating process pairs, medians of 7): float32 32x512x7x7 84 µs against 140-158 µs plane
+  // by plane on one thread (52-54 against 77 on two), 1x2048x7x7 28.0-28.5 against 34-37 µs,
+  // bfloat16 there 34.9-36.1 against 40.4-40.9 µs; the plain calls even (3 pairs, one thread).
+  if (no_epilogue && short_planes && s.inner >= V) {
+    const std::array<const acc_t*, 4> coefficients{p.scale.data(), p.shift.data(), p.mean.hi.data(),
+                                                   p.mean.lo.data()};
     at::parallel_for(0, s.batch * s.channels, grain, [&](int64_t p0, int64_t p1) {
-      affine_planes(x, y, s.inner, s.channels, p0, p1, p.scale.data(), p.shift.data());
+      if (p.centered) {
+        affine_planes<true>(x, y, s.inner, s.channels, p0, p1, coefficients);
+      } else {
+        affine_planes<false>(x, y, s.inner, s.channels, p0, p1, coefficients);
+      }
     });
     return;
   }
