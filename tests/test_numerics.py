@@ -328,7 +328,7 @@ def test_channels_last_eval_split_between_threads_matches_float64(dtype, device,
 
 
 # Running means within ±1/4 fold into the shift in every channel (|mean·scale| < 1, see
-# FoldedMeans); within ±4, most channels keep theirs apart and some fold it.
+# ChannelAffine); within ±4, most channels keep theirs apart and some fold it.
 FOLDED_MEANS, KEPT_MEANS = 0.5, 8.0
 
 

@@ -130,7 +130,7 @@ TORCH_BN_FLATTEN inline void normalize_run(const T* x, T* y, int64_t n, M hi, M 
 // lane's coefficients from its own plane, blended in registers, so that a short plane costs no
 // loop and no scalar or overlapping last vector of its own. `coefficients` holds the per-channel
 // scale, shift, hi and lo (ChannelAffine's); without kCentered (no mean kept apart, see
-// FoldedMeans) hi and lo are not read and y = x · scale[c] + shift[c]. Computed in T's
+// ChannelAffine) hi and lo are not read and y = x · scale[c] + shift[c]. Computed in T's
 // accumulation type as normalize_run computes it, bit for bit: where a call keeps some means,
 // the channels that fold theirs subtract zeros, which changes no value. Half and bfloat16 are
 // widened and narrowed in registers, V values at a time.
