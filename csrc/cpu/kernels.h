@@ -18,11 +18,12 @@ namespace torch_bn::cpu {
       const at::Tensor& input, const at::Tensor& output, const Shape& shape,                  \
       const double* weight, const double* bias, double eps, const Epilogue& epilogue,         \
       double* mean, double* invstd);                                                          \
-  /* y = act((x - mean) * scale + shift + residual) with given per-channel mean, scale and    \
-     shift (a null mean or shift reads as zeros). */                                          \
-  void normalize(                                                                             \
+  /* y = act((x - mean) / sqrt(var + eps) * weight + bias + residual) with given per-channel  \
+     mean and variance (a null weight reads as ones, a null bias as zeros). */                \
+  void evaluate(                                                                              \
       const at::Tensor& input, const at::Tensor& output, const Shape& shape,                  \
-      const double* mean, const double* scale, const double* shift, const Epilogue& epilogue); \
+      const double* mean, const double* var, const double* weight, const double* bias,        \
+      double eps, const Epilogue& epilogue);                                                  \
   /* With dz = the prologue's gating of dy: per-channel Σdz and Σdz(x-mean) into              \
      sum_dy/sum_dy_xmu when they are non-null, and the input gradient when grad_input is      \
      defined. */                                                                              \

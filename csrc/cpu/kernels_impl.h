@@ -20,7 +20,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <c10/util/irange.h>
 
+#include <cmath>
 #include <vector>
 
 // The pieces, in the order they build on each other: the loops, then the passes. It is also the
@@ -72,6 +74,8 @@ void forward_train(const at::Tensor& input, const at::Tensor& output, const Shap
   });
 }
 
+namespace {
+// y = act((x - mean) * scale + shift + residual) (a null mean or shift reads as zeros).
 void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* mean,
                const double* scale, const double* shift, const Epilogue& epilogue) {
   TORCH_BN_DISPATCH_DTYPES(input.scalar_type(), "torch_bn_normalize", [&] {
@@ -80,6 +84,20 @@ void normalize(const at::Tensor& input, const at::Tensor& output, const Shape& s
     normalize_impl(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), shape,
                    ChannelAffine<acc_t>(shape.channels, group_rows, mean, scale, shift), epilogue);
   });
+}
+} // namespace
+
+// The scales are computed here rather than where the operator reads its arguments: this build
+// divides and takes square roots a vector at a time, where the portable one (which compiles
+// ops.cpp) takes two lanes at a time, 3.3 µs of the evaluation operator's 15 µs at 1x2048x1x1
+// float32 against 1.4 µs here (one thread, AMD EPYC Zen 4 VM, perf).
+void evaluate(const at::Tensor& input, const at::Tensor& output, const Shape& shape, const double* mean,
+              const double* var, const double* weight, const double* bias, double eps, const Epilogue& epilogue) {
+  std::vector<double> scale(shape.channels);
+  for (const auto c : c10::irange(shape.channels)) {
+    scale[c] = (weight ? weight[c] : 1.0) / std::sqrt(var[c] + eps);
+  }
+  normalize(input, output, shape, mean, scale.data(), bias, epilogue);
 }
 
 void backward(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grad_input,

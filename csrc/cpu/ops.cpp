@@ -116,13 +116,8 @@ std::tuple<at::Tensor, at::Tensor> forward_eval_act(
   if (x.numel() > 0) {
     const auto mean = channel_values(running_mean);
     const auto var = channel_values(running_var);
-    const auto w = channel_values(weight);
-    std::vector<double> scale(shape.channels);
-    for (const auto c : c10::irange(shape.channels)) {
-      scale[c] = (w.empty() ? 1.0 : w[c]) / std::sqrt(var[c] + eps);
-    }
-    TORCH_BN_CPU_DISPATCH(normalize, x, output, shape, mean.data(), scale.data(),
-                          data_or_null(channel_values(bias)), epilogue_of(r, mask, activation));
+    TORCH_BN_CPU_DISPATCH(evaluate, x, output, shape, mean.data(), var.data(), data_or_null(channel_values(weight)),
+                          data_or_null(channel_values(bias)), eps, epilogue_of(r, mask, activation));
   }
   return {output, mask};
 }
