@@ -287,8 +287,8 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_count
     with torch.no_grad():
         outputs = on_thread_counts((1, 2), lambda: bn(x.to(dtype)))
     # float32: the coefficients and the result each rounded once, on values up to about 20;
-    # bfloat16 (x given in bfloat16): the result rounded to 8 bits.
-    tolerance = {torch.float32: 1e-5, torch.float64: 1e-13, torch.bfloat16: 2**-8}[dtype]
+    # float16 and bfloat16 (x given in that dtype): the result rounded to 11 and 8 bits.
+    tolerance = {torch.float32: 1e-5, torch.float64: 1e-13, torch.float16: 2**-10, torch.bfloat16: 2**-8}[dtype]
     torch.testing.assert_close(outputs[0].double(), reference, rtol=tolerance, atol=tolerance)
     assert torch.equal(outputs[0], outputs[1]), "the result depends on the thread count"
 
@@ -301,6 +301,16 @@ def check_eval_matches_float64_on_any_thread_count(bn, x, dtype, on_thread_count
 def test_eval_on_short_planes_matches_float64(dtype, plane, device, on_thread_counts):
     x = (torch.randn(41, 201, plane, dtype=torch.float64) * 2 + 1).to(device)
     check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm1d(201), x, dtype, on_thread_counts)
+
+
+# A module converted with .half() or .bfloat16() keeps its parameters and running statistics in
+# that dtype, which the CPU widens a vector at a time (read_channel_values): 37 channels are whole
+# vectors and a tail in every build, 5 a tail alone.
+@pytest.mark.parametrize("channels", [5, 37])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_eval_with_half_statistics_matches_float64(dtype, channels, device, on_thread_counts):
+    x = (torch.randn(3, channels, 4, 4, dtype=torch.float64) * 2 + 1).to(dtype).double().to(device)
+    check_eval_matches_float64_on_any_thread_count(torch_bn.BatchNorm2d(channels), x, dtype, on_thread_counts)
 
 
 # Evaluation writes NCHW planes under 64 values a row of their group at a time in batches of 4 or

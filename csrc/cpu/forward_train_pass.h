@@ -91,9 +91,7 @@ template <typename scalar_t>
 double leading_mean(const scalar_t* run, int64_t length) {
   const int64_t n = std::min(length, kShiftValues);
   double sum = 0;
-  for (const auto i : c10::irange(n)) {
-    sum += static_cast<double>(run[i]);
-  }
+  for_each_as_double(run, n, [&](int64_t, double value) { sum += value; });
   return sum / static_cast<double>(n);
 }
 
@@ -196,9 +194,7 @@ AlignedVector<acc_t> sampled_mean(const scalar_t* x, int64_t rows, int64_t C) {
   for (const auto k : c10::irange(samples)) {
     const double at = std::fmod((static_cast<double>(k) + 0.5) * kGoldenRatio, 1.0);
     const scalar_t* row = x + (samples == rows ? k : static_cast<int64_t>(at * static_cast<double>(rows))) * C;
-    for (const auto c : c10::irange(C)) {
-      sum[c] += static_cast<double>(row[c]);
-    }
+    for_each_as_double(row, C, [&](int64_t c, double value) { sum[c] += value; });
   }
   AlignedVector<acc_t> mean(C);
   for (const auto c : c10::irange(C)) {

@@ -31,6 +31,10 @@ namespace torch_bn::cpu {
       const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& grad_input,   \
       const Shape& shape, const double* mean, const double* invstd, const double* weight,     \
       bool training, const GradPrologue& prologue, double* sum_dy, double* sum_dy_xmu);      \
+  /* The contiguous per-channel tensor `values` as doubles, and doubles rounded into it,     \
+     with this build's conversions (F16C's for half, where the build has them). */             \
+  void read_channel_values(const at::Tensor& values, double* out);                            \
+  void write_channel_values(const at::Tensor& values, const double* in);                      \
   }
 
 TORCH_BN_DECLARE_CPU_KERNELS(DEFAULT)

@@ -129,5 +129,22 @@ void backward(const at::Tensor& grad_output, const at::Tensor& input, const at::
   });
 }
 
+void read_channel_values(const at::Tensor& values, double* out) {
+  TORCH_BN_DISPATCH_DTYPES(values.scalar_type(), "torch_bn_read_channel_values", [&] {
+    for_each_as_double(values.const_data_ptr<scalar_t>(), values.numel(), [&](int64_t c, double value) {
+      out[c] = value;
+    });
+  });
+}
+
+void write_channel_values(const at::Tensor& values, const double* in) {
+  TORCH_BN_DISPATCH_DTYPES(values.scalar_type(), "torch_bn_write_channel_values", [&] {
+    auto* data = values.mutable_data_ptr<scalar_t>();
+    for (const auto c : c10::irange(values.numel())) {
+      data[c] = static_cast<scalar_t>(in[c]);
+    }
+  });
+}
+
 } // namespace CPU_CAPABILITY
 } // namespace torch_bn::cpu

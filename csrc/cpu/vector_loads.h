@@ -72,6 +72,29 @@ inline Vectorized<acc_t> load(const T* src) {
   }
 }
 
+// Calls use(i, value) for each of the n values of `src` in order, the value widened to double:
+// half and bfloat16 a vector at a time. Value by value, the AVX-512 build widened each half
+// through a vector register of its own: reading four 2048-channel half tensors took 5.6 µs of the
+// evaluation operator's 15.9 µs (1x2048x1x1, one thread, AMD EPYC Zen 4 VM, perf), and
+// sampled_mean a quarter of channels-last forward-train's time at 1x2048x7x7 float16.
+template <typename T, typename F>
+C10_ALWAYS_INLINE void for_each_as_double(const T* src, int64_t n, const F& use) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    constexpr int64_t V = Vectorized<float>::size();
+    std::array<float, V> widened;
+    for (; i + V <= n; i += V) {
+      load<float>(src + i).store(widened.data());
+      for (int64_t k = 0; k < V; ++k) {
+        use(i + k, static_cast<double>(widened[k]));
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    use(i, static_cast<double>(src[i]));
+  }
+}
+
 // A step of 2·V values (V = Vectorized<acc_t>::size()) as two vectors of the accumulation type,
 // its lanes in an order that store_step undoes: bfloat16 on AVX2 by the parity of the position,
 // the even values widened by a shift and the odd ones by a mask of one load, two instructions
