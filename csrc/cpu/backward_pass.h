@@ -51,12 +51,17 @@ struct GradReader {
   // The tensors a gradient pass moves: x, dy and dx, and a fused residual's gradient.
   static int64_t pass_tensors(const GradPrologue& p) { return p.grad_residual ? 4 : 3; }
 
+  // Whether read gathers dz into a buffer: on the pass that stores the residual's gradient.
+  bool gathers(bool store_residual_grad) const { return store_residual_grad && grad_residual; }
+
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
   // Returns what use returns.
+  // Where read does not gather (see gathers), dz reads dy in place: its values at any offset from
+  // `first`, not only the run's n.
   template <typename F>
   auto read(int64_t first, int64_t n, bool store_residual_grad, const F& use) {
-    if (store_residual_grad && grad_residual) {
+    if (gathers(store_residual_grad)) {
       // Gathered in place when the gradient is in the accumulation type.
       acc_t* dz = output_chunk(grad_residual + first, gated.data());
       if (mask) {
@@ -146,16 +151,31 @@ void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, 
   const FetchAhead next_row = FetchAhead::of<scalar_t>(x, grad.dy, fetch_distance);
   const auto hi_at = spread(hi, channels, inner), lo_at = spread(lo, channels, inner);
   AlignedVector<acc_t> sums(width), dots(width);
+  // Rows summed at once: each position's totals stay in registers down them (see
+  // reduce_dy_dot_rows), where row by row they were loaded and stored for every vector, half the
+  // loop's loads and all its stores. A source that gathers holds one row. Operators, one thread,
+  // AMD EPYC Zen 4 VM, fastest of 15 rounds, alternating processes against the row-by-row build:
+  // float32 32x512x7x7 396-507 -> 358-402 µs, bfloat16 283-288 -> 257-261 µs and 32x2048x7x7
+  // 1.83-2.13 -> 1.34-1.51 ms; on 2 threads bfloat16 1.07-1.3x faster, float32 even (8 rows were
+  // as fast as 4).
+  constexpr int kRowsAtOnce = 4;
+  const int64_t rows_at_once = grad.gathers(/*store_residual_grad=*/true) ? 1 : kRowsAtOnce;
+  const int64_t row_stride = plan.s.channels * inner;
   plan.for_each_chunk_range([&](int64_t b0, int64_t b1, int64_t /*offset: 0*/, int64_t /*length: inner*/) {
     std::fill(sums.begin(), sums.end(), acc_t(0));
     std::fill(dots.begin(), dots.end(), acc_t(0));
-    for (const auto b : c10::irange(b0, b1)) {
+    for (int64_t b = b0; b < b1; b += rows_at_once) {
+      const int64_t rows = std::min(rows_at_once, b1 - b);
       const int64_t row = plan.plane(b, c0);
-      next_row.fetch(row, width);
+      for (const auto r : c10::irange(rows)) {
+        next_row.fetch(row + r * row_stride, width);
+      }
       for_each_chunk(width, [&](int64_t at, int64_t n) {
         grad.read(row + at, n, /*store_residual_grad=*/true, [&](const auto& dz) {
-          reduce_dy_dot_rows<acc_t>(dz, x + row + at, 1, n, PerChannel<acc_t>{hi_at.data() + at},
-                                    PerChannel<acc_t>{lo_at.data() + at}, sums.data() + at, dots.data() + at);
+          reduce_dy_dot_rows<kRowsAtOnce, acc_t>(dz, x + row + at, rows, n, row_stride,
+                                                 PerChannel<acc_t>{hi_at.data() + at},
+                                                 PerChannel<acc_t>{lo_at.data() + at}, sums.data() + at,
+                                                 dots.data() + at);
         });
       });
     }
@@ -360,8 +380,8 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
     const auto reduce_run = [&](int64_t first, int64_t position, int64_t n) {
       const int64_t width = std::min(n, C);
       grad.read(first, n, /*store_residual_grad=*/true, [&](const auto& dz) {
-        reduce_dy_dot_rows<acc_t>(dz, x + first, n / width, width, of(0, position), of(1, position), sums + position,
-                                  dots + position);
+        reduce_dy_dot_rows<1, acc_t>(dz, x + first, n / width, width, width, of(0, position), of(1, position),
+                                     sums + position, dots + position);
       });
     };
     if (block_is_one_run) {
