@@ -155,8 +155,8 @@ void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, 
   // reduce_dy_dot_rows), where row by row they were loaded and stored for every vector, half the
   // loop's loads and all its stores. A source that gathers holds one row. Operators, one thread,
   // AMD EPYC Zen 4 VM, fastest of 15 rounds, alternating processes against the row-by-row build:
-  // float32 32x512x7x7 396-507 -> 358-402 µs, bfloat16 283-288 -> 257-261 µs and 32x2048x7x7
-  // 1.83-2.13 -> 1.34-1.51 ms; on 2 threads bfloat16 1.07-1.3x faster, float32 even (8 rows were
+  // float32 32x512x7x7 396-454 -> 358-403 µs, bfloat16 283-288 -> 261 µs and 32x2048x7x7
+  // 1.83-2.13 -> 1.34-1.47 ms; on 2 threads bfloat16 1.07-1.3x faster, float32 even (8 rows were
   // as fast as 4).
   constexpr int kRowsAtOnce = 4;
   const int64_t rows_at_once = grad.gathers(/*store_residual_grad=*/true) ? 1 : kRowsAtOnce;
