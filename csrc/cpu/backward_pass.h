@@ -56,9 +56,8 @@ struct GradReader {
 
   // Calls use(dz) with the run's dz as a source for the loops, read and gated in registers; on
   // the pass that stores the residual's gradient, a chunk of dz gathered into a buffer first.
-  // Returns what use returns.
-  // Where read does not gather (see gathers), dz reads dy in place: its values at any offset from
-  // `first`, not only the run's n.
+  // Returns what use returns. A dz that is not gathered (see gathers) reads dy in place, at any
+  // offset from `first`, not only the run's n values.
   template <typename F>
   auto read(int64_t first, int64_t n, bool store_residual_grad, const F& use) {
     if (gathers(store_residual_grad)) {
@@ -152,12 +151,12 @@ void sum_dy_dot_by_position(const PlanarPlan& plan, GradReader<scalar_t>& grad, 
   const auto hi_at = spread(hi, channels, inner), lo_at = spread(lo, channels, inner);
   AlignedVector<acc_t> sums(width), dots(width);
   // Rows summed at once: each position's totals stay in registers down them (see
-  // reduce_dy_dot_rows), where row by row they were loaded and stored for every vector, half the
-  // loop's loads and all its stores. A source that gathers holds one row. Operators, one thread,
-  // AMD EPYC Zen 4 VM, fastest of 15 rounds, alternating processes against the row-by-row build:
-  // float32 32x512x7x7 396-454 -> 358-403 µs, bfloat16 283-288 -> 261 µs and 32x2048x7x7
-  // 1.83-2.13 -> 1.34-1.47 ms; on 2 threads bfloat16 1.07-1.3x faster, float32 even (8 rows were
-  // as fast as 4).
+  // reduce_dy_dot_rows). Row by row, the totals were loaded and stored for every vector of every
+  // row: half the loop's loads and all its stores. A gathered dz holds one row. Operators, one
+  // thread, AMD EPYC Zen 4 VM, fastest of 15 rounds, alternating processes against the row-by-row
+  // build: float32 32x512x7x7 396-454 -> 358-403 µs, bfloat16 283-288 -> 261 µs and 32x2048x7x7
+  // 1.83-2.13 -> 1.34-1.47 ms; on 2 threads bfloat16 1.07-1.3x faster, float32 even (8 rows were as
+  // fast as 4).
   constexpr int kRowsAtOnce = 4;
   const int64_t rows_at_once = grad.gathers(/*store_residual_grad=*/true) ? 1 : kRowsAtOnce;
   const int64_t row_stride = plan.s.channels * inner;
