@@ -240,12 +240,8 @@ void backward_by_channel(const PlanarPlan& plan, GradReader<scalar_t>& grad, con
       for (const auto b : c10::irange(plan.s.batch)) {
         const int64_t first = plan.plane(b, c);
         grad.read(first, inner, /*store_residual_grad=*/false, [&](const auto& dz) {
-          if (training) {
-            grad_input<acc_t>(dz, x + first, dx + first, inner, /*stream=*/false, h, l, Uniform<acc_t>{k1},
-                              Uniform<acc_t>{k2}, Uniform<acc_t>{k3});
-          } else {
-            scale_by<acc_t>(dz, dx + first, inner, /*stream=*/false, Uniform<acc_t>{k1});
-          }
+          write_input_grad<acc_t>(training, dz, x + first, dx + first, inner, /*stream=*/false, h, l,
+                                  Uniform<acc_t>{k1}, Uniform<acc_t>{k2}, Uniform<acc_t>{k3});
         });
       }
     };
@@ -334,13 +330,9 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                 const int64_t first = run + offset;
                 const auto out = stage.place(dx + first, len, grad.stream);
                 grad.read(first, len, /*store_residual_grad=*/false, [&](const auto& dz) {
-                  if (training) {
-                    grad_input<acc_t>(dz, x + first, out.values, len, out.stream, hi_of.from(offset),
-                                      lo_of.from(offset), view(0).from(offset), view(1).from(offset),
-                                      view(2).from(offset));
-                  } else {
-                    scale_by<acc_t>(dz, out.values, len, out.stream, view(0).from(offset));
-                  }
+                  write_input_grad<acc_t>(training, dz, x + first, out.values, len, out.stream, hi_of.from(offset),
+                                          lo_of.from(offset), view(0).from(offset), view(1).from(offset),
+                                          view(2).from(offset));
                 });
               });
         });
@@ -419,13 +411,9 @@ void backward_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Sh
         const int64_t width = std::min(n, C);
         for (int64_t row = first; row < first + n; row += width) {
           grad.read(row, width, /*store_residual_grad=*/false, [&](const auto& dz) {
-            if (training) {
-              grad_input<acc_t>(dz, x + row, dx + row, width, grad.stream, mean_of(0, position), mean_of(1, position),
-                                coefficient_of(2, position), coefficient_of(3, position),
-                                coefficient_of(4, position));
-            } else {
-              scale_by<acc_t>(dz, dx + row, width, grad.stream, coefficient_of(2, position));
-            }
+            write_input_grad<acc_t>(training, dz, x + row, dx + row, width, grad.stream, mean_of(0, position),
+                                    mean_of(1, position), coefficient_of(2, position), coefficient_of(3, position),
+                                    coefficient_of(4, position));
           });
         }
       });

@@ -54,5 +54,17 @@ inline void grad_input(D dy, const T* x, T* dx, int64_t n, bool stream, M hi, M 
   }
 }
 
+// The input gradient of a run in either mode: grad_input in training, scale_by in evaluation
+// (where x, the mean, k2 and k3 are not read).
+template <typename acc_t, typename D, typename T, typename M, typename P>
+C10_ALWAYS_INLINE void write_input_grad(bool training, D dy, const T* x, T* dx, int64_t n, bool stream, M hi, M lo,
+                                        P k1, P k2, P k3) {
+  if (training) {
+    grad_input<acc_t>(dy, x, dx, n, stream, hi, lo, k1, k2, k3);
+  } else {
+    scale_by<acc_t>(dy, dx, n, stream, k1);
+  }
+}
+
 } // namespace CPU_CAPABILITY
 } // namespace torch_bn::cpu
