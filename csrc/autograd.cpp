@@ -4,6 +4,7 @@
 // a small layer. Here a call that can need no gradient goes straight to the backend kernel.
 #include "cpu/channel_values.h"
 #include "find_op.h"
+#include "stats_type.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -123,16 +124,16 @@ std::vector<bool> needs_input_grad(AutogradContext* ctx) {
 // invstd: the four ATen ops' dispatch cost more than a small layer's evaluation kernel.
 std::pair<Tensor, Tensor> eval_statistics(const Tensor& input, const Tensor& running_mean, const Tensor& running_var,
                                           double eps) {
-  const auto stats_type = at::toOpMathType(input.scalar_type());
+  const auto dtype = stats_type(input);
   if (cpu::readable_outside_kernels(running_mean) && cpu::readable_outside_kernels(running_var)) {
     auto invstds = cpu::channel_values(running_var);
     for (auto& value : invstds) {
       value = 1.0 / std::sqrt(value + eps);
     }
-    return {cpu::to_tensor(cpu::channel_values(running_mean), stats_type), cpu::to_tensor(invstds, stats_type)};
+    return {cpu::to_tensor(cpu::channel_values(running_mean), dtype), cpu::to_tensor(invstds, dtype)};
   }
-  return {running_mean.to(stats_type, /*non_blocking=*/false, /*copy=*/true),
-          at::rsqrt(running_var.to(stats_type, /*non_blocking=*/false, /*copy=*/true).add_(eps))};
+  return {running_mean.to(dtype, /*non_blocking=*/false, /*copy=*/true),
+          at::rsqrt(running_var.to(dtype, /*non_blocking=*/false, /*copy=*/true).add_(eps))};
 }
 
 // Every dimension but the channels': what the statistics reduce over.

@@ -11,8 +11,9 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(torch_bn, m) {
-  // Batch statistics and normalized output in one call. mean/invstd are float32 for
-  // float32/float16/bfloat16 input and float64 for float64 input.
+  // Batch statistics and normalized output in one call. mean/invstd are float64 on the CPU; on
+  // CUDA float32 for float32/float16/bfloat16 input and float64 for float64 input (see
+  // stats_type.h).
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor output, Tensor mean, Tensor invstd)");

@@ -70,6 +70,45 @@ def test_gradients_for_means_on_both_sides_of_the_fold(layout, device):
         assert error <= 1.5e-6, f"channel {c} (mean {means[c].item()}): relative error {error}"
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gradients_far_from_zero_match_float64_on_cpu(layout):
+    # Channels whose mean is 1e6 standard deviations from zero: training's backward reads the
+    # saved batch mean, float64 on the CPU (csrc/stats_type.h). Rounded to float32, it moved
+    # x - mean by up to a twentieth of a standard deviation, and grad_weight came out 4% off
+    # (torch.nn: 1e-2 here). Measured: at most 5.5e-7 over ten seeds.
+    x = (torch.randn(16, 8, 6, 6, dtype=torch.float64) * 1e-2 + 1e4).float().contiguous(memory_format=LAYOUTS[layout])
+    grad_output = torch.randn(x.shape, dtype=torch.float64).float().contiguous(memory_format=LAYOUTS[layout])
+    weight = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    exact = [t.requires_grad_() for t in (x.double(), weight.clone(), torch.zeros(8, dtype=torch.float64))]
+    reference = torch.nn.functional.batch_norm(exact[0], None, None, exact[1], exact[2], training=True)
+    expected = torch.autograd.grad(reference, exact, grad_output.double())
+    bn = torch_bn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+    input = x.clone().requires_grad_()
+    grads = torch.autograd.grad(bn(input), (input, bn.weight, bn.bias), grad_output)
+    for name, grad, reference_grad in zip(("input", "weight", "bias"), grads, expected):
+        error = relative_error(grad, reference_grad)
+        assert error <= 2e-6, f"grad of {name}: relative error {error}"
+
+
+@pytest.mark.parametrize("momentum", [1.0, None], ids=["momentum1", "cumulative"])
+@pytest.mark.parametrize("std", [1e-5, 1e-6, 1e-7])
+def test_running_variance_far_below_eps_on_cpu(std, momentum):
+    # The update recovers the batch variance as 1/invstd² - eps, which keeps only invstd's last
+    # digits where the variance is far below eps (1e-5): from a float32 invstd it came out 1%, 28%
+    # and 80x off at these spreads; from the CPU's float64 one (csrc/stats_type.h) its relative
+    # error is about 1e-16·eps/variance. A factor of 1 (momentum 1, a cumulative average's first
+    # batch) also takes the batch value as is, not through running + (batch - running)·1.
+    # Measured: at most 4.2e-7 over twenty seeds (torch.nn computes the variance directly).
+    x = (torch.randn(8, 3, 6, 6, dtype=torch.float64) * std).float()
+    bn = torch_bn.BatchNorm2d(3, momentum=momentum)
+    bn(x)
+    reference = torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    reference(x.double())
+    torch.testing.assert_close(bn.running_var.double(), reference.running_var, rtol=2e-6, atol=0)
+
+
 # NCHW planes under 64 values in a batch of 24 or more: backward sums each position of a group
 # of channels down four rows (batch entries) at a time, and 27 and 30 leave three and two rows
 # over: left out, they would drop a ninth or a fifteenth of each channel's values from its sums.

@@ -78,8 +78,9 @@ def forward_train_update(
 
 
 def stats_dtype(input: Tensor) -> torch.dtype:
-    """The dtype of batch statistics: float64 for float64 input, float32 otherwise (as ATen)."""
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+    """The dtype of batch statistics (csrc/stats_type.h): float64 on the CPU, whose kernels keep
+    them in double; elsewhere float64 for float64 input, float32 otherwise (as ATen)."""
+    return torch.float64 if input.device.type == "cpu" or input.dtype == torch.float64 else torch.float32
 
 
 def _kernel_layout_empty(input: Tensor) -> Tensor:

@@ -5,11 +5,11 @@
 #include "../op_checks.h"
 #include "../plain_ops.h"
 #include "../running_stats.h"
+#include "../stats_type.h"
 #include "channel_values.h"
 #include "kernels.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -50,11 +50,6 @@ namespace {
 
 using cpu::channel_values;
 using cpu::to_tensor;
-
-// Statistics are float32 for reduced-precision and float32 input, float64 for float64.
-at::ScalarType stats_type(const at::Tensor& input) {
-  return at::toOpMathType(input.scalar_type());
-}
 
 const double* data_or_null(const std::vector<double>& v) {
   return v.empty() ? nullptr : v.data();

@@ -5,8 +5,8 @@
 #include "kernels.cuh"
 #include "../op_checks.h"
 #include "../plain_ops.h"
+#include "../stats_type.h"
 
-#include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -19,9 +19,8 @@
 namespace torch_bn::cuda {
 namespace {
 
-// Statistics are float32 for reduced-precision and float32 input, float64 for float64.
 at::TensorOptions stats_options(const at::Tensor& input) {
-  return input.options().dtype(at::toOpMathType(input.scalar_type()));
+  return input.options().dtype(stats_type(input));
 }
 
 // A zeroed sign mask of mask_bytes(numel) bytes whose storage is padded to whole 32-bit words,
