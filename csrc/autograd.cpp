@@ -4,10 +4,10 @@
 // a small layer. Here a call that can need no gradient goes straight to the backend kernel.
 #include "cpu/channel_values.h"
 #include "find_op.h"
+#include "formulas.h"
 #include "stats_type.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -97,6 +97,29 @@ bool given(const OptionalTensor& t) {
   return t.has_value() && t->defined();
 }
 
+// Whether an argument carries a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad).
+// torch's C++ Functions have no jvp, and the kernel alone would drop the tangent, a silent zero:
+// such calls run the ops' formulas in ATen ops (formulas.h), which propagate it.
+bool has_tangent(const Tensor& t) {
+  return t.defined() && t._fw_grad(/*level=*/0).defined();
+}
+
+bool has_tangent(const OptionalTensor& t) {
+  return t.has_value() && has_tangent(*t);
+}
+
+template <typename... Args>
+bool any_tangent(const Args&... args) {
+  return (has_tangent(args) || ...);
+}
+
+// The fused ops have no formula: their sign mask is an output that ATen ops do not produce.
+void check_no_tangent(bool tangent) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!tangent,
+                              "torch_bn: the fused BatchNorm-activation ops do not support forward-mode AD "
+                              "(torch.func.jvp, torch.autograd.forward_ad); the plain BatchNorm layers do");
+}
+
 // What every forward sets on its node.
 // - An absent optional tensor is not an input of a Function's node (it has no edge), so the
 //   indices of needs_input_grad skip it. Forwards record which of their tensor arguments were
@@ -134,49 +157,6 @@ std::pair<Tensor, Tensor> eval_statistics(const Tensor& input, const Tensor& run
   }
   return {running_mean.to(dtype, /*non_blocking=*/false, /*copy=*/true),
           at::rsqrt(running_var.to(dtype, /*non_blocking=*/false, /*copy=*/true).add_(eps))};
-}
-
-// Every dimension but the channels': what the statistics reduce over.
-std::vector<int64_t> reduction_dims(const Tensor& input) {
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < input.dim(); ++d) {
-    dims.push_back(d);
-  }
-  return dims;
-}
-
-// torch_bn::backward in differentiable ATen ops, mean and invstd taken as given (in training the
-// statistics' own dependence on the input is the caller's to add). grad_weight is Σ dy·xhat,
-// which needs no weight; it has the weight's dtype, or the input's without one.
-std::tuple<Tensor, Tensor, Tensor> backward_formula(const Tensor& grad_output, const Tensor& input,
-                                                    const OptionalTensor& weight, const Tensor& mean,
-                                                    const Tensor& invstd, bool training) {
-  const auto dims = reduction_dims(input);
-  std::vector<int64_t> per_channel(input.dim(), 1);
-  per_channel[1] = -1;
-  const auto acc = at::toOpMathType(input.scalar_type());
-  const bool has_weight = given(weight);
-  const Tensor dy = grad_output.to(acc);
-  const Tensor inv = invstd.to(acc).view(per_channel);
-  const Tensor xhat = (input.to(acc) - mean.to(acc).view(per_channel)) * inv;
-  const Tensor scale = has_weight ? inv * weight->to(acc).view(per_channel) : inv;
-  const Tensor grad_input = training
-      ? scale * (dy - dy.mean(dims, /*keepdim=*/true) - xhat * (dy * xhat).mean(dims, /*keepdim=*/true))
-      : dy * scale;
-  const auto param_type = has_weight ? weight->scalar_type() : input.scalar_type();
-  return {grad_input.to(input.scalar_type()), (dy * xhat).sum(dims).to(param_type), dy.sum(dims).to(param_type)};
-}
-
-// backward_formula in training with the batch statistics recomputed from the input in
-// differentiable ops (biased variance, as the forward normalizes with), so that a gradient of
-// these gradients includes the statistics' dependence on the input.
-std::tuple<Tensor, Tensor, Tensor> training_backward_formula(const Tensor& grad_output, const Tensor& input,
-                                                             const OptionalTensor& weight, double eps) {
-  const auto dims = reduction_dims(input);
-  const Tensor x = input.to(at::toOpMathType(input.scalar_type()));
-  const Tensor mean = x.mean(dims);
-  const Tensor invstd = at::rsqrt(x.var(dims, /*unbiased=*/false) + eps);
-  return backward_formula(grad_output, input, weight, mean, invstd, /*training=*/true);
 }
 
 // The gradients for (input, weight, bias), the first three tensor arguments, from the saved
@@ -376,6 +356,9 @@ class ForwardEvalAct : public torch::autograd::Function<ForwardEvalAct> {
 
 std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& input, const OptionalTensor& weight,
                                                           const OptionalTensor& bias, double eps) {
+  if (any_tangent(input, weight, bias)) {
+    return forward_train_formula(input, weight, bias, eps);
+  }
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
     return forward_train_kernel(input, weight, bias, eps);
   }
@@ -385,6 +368,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& input, c
 
 Tensor forward_eval_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                              const Tensor& running_mean, const Tensor& running_var, double eps) {
+  if (any_tangent(input, weight, bias, running_mean, running_var)) {
+    return forward_eval_formula(input, weight, bias, running_mean, running_var, eps);
+  }
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
     return forward_eval_kernel(input, weight, bias, running_mean, running_var, eps);
   }
@@ -395,6 +381,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_autograd(const Tensor& grad_output, 
                                                      const OptionalTensor& weight, const Tensor& mean,
                                                      const Tensor& invstd, bool training,
                                                      std::array<bool, 3> output_mask) {
+  if (any_tangent(grad_output, input, weight, mean, invstd)) {
+    auto grads = backward_formula(grad_output, input, weight, mean, invstd, training);
+    // An output not asked for is empty, as the kernels return it.
+    const auto asked = [&](bool wanted, const Tensor& grad) { return wanted ? grad : grad.new_empty({0}); };
+    return {asked(output_mask[0], std::get<0>(grads)), asked(output_mask[1], std::get<1>(grads)),
+            asked(output_mask[2], std::get<2>(grads))};
+  }
   if (!torch::autograd::compute_requires_grad(grad_output, input, weight, mean, invstd)) {
     return backward_kernel(grad_output, input, weight, mean, invstd, training, output_mask);
   }
@@ -405,6 +398,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_autograd(const Tensor& grad_output, 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_train_act_autograd(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const OptionalTensor& residual,
     double eps, c10::string_view activation, double negative_slope) {
+  check_no_tangent(any_tangent(input, weight, bias, residual));
   if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
     return forward_train_act_kernel(input, weight, bias, residual, eps, activation, negative_slope);
   }
@@ -417,6 +411,7 @@ std::tuple<Tensor, Tensor> forward_eval_act_autograd(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias, const Tensor& running_mean,
     const Tensor& running_var, const OptionalTensor& residual, double eps, c10::string_view activation,
     double negative_slope) {
+  check_no_tangent(any_tangent(input, weight, bias, running_mean, running_var, residual));
   if (!torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
     return forward_eval_act_kernel(input, weight, bias, running_mean, running_var, residual, eps, activation,
                                    negative_slope);
@@ -434,11 +429,6 @@ TORCH_LIBRARY_IMPL(torch_bn, Autograd, m) {
   m.impl("backward", &backward_autograd);
   m.impl("forward_train_act", &forward_train_act_autograd);
   m.impl("forward_eval_act", &forward_eval_act_autograd);
-}
-
-TORCH_LIBRARY_IMPL(torch_bn, CompositeImplicitAutograd, m) {
-  m.impl("backward_formula", &backward_formula);
-  m.impl("training_backward_formula", &training_backward_formula);
 }
 
 } // namespace torch_bn
