@@ -43,11 +43,12 @@ inline void check_per_channel(
   }
 }
 
+// A ValueError in Python, as torch.nn.functional.batch_norm raises.
 inline void check_eps(double eps, bool training) {
   if (training) {
-    TORCH_CHECK(eps > 0, "torch_bn: eps must be positive in training, got ", eps);
+    TORCH_CHECK_VALUE(eps > 0, "torch_bn: eps must be positive in training, got ", eps);
   } else {
-    TORCH_CHECK(eps >= 0, "torch_bn: eps must be non-negative, got ", eps);
+    TORCH_CHECK_VALUE(eps >= 0, "torch_bn: eps must be non-negative, got ", eps);
   }
 }
 

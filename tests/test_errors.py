@@ -173,8 +173,8 @@ def test_fake_kernels_reject_what_the_kernels_reject(device):
 def test_eps_not_positive_in_training(eps):
     bn = trained_bn2d()
     bn.eps = eps
-    # torch.nn raises ValueError here; torch_bn's kernels raise RuntimeError. Both say why.
-    assert_rejected(bn, torch.randn(2, 3, 3, 3), (ValueError, RuntimeError), "eps must be positive")
+    # A ValueError, as torch.nn.functional.batch_norm raises.
+    assert_rejected(bn, torch.randn(2, 3, 3, 3), ValueError, "eps must be positive")
 
 
 def test_eps_zero_is_allowed_in_eval():
@@ -207,6 +207,32 @@ def test_functional_rejects_and_leaves_running_stats(bad, message):
         torch_bn.batch_norm(training=True, momentum=0.1, **args)
     for name, value in before.items():
         assert unchanged(args[name], value), f"{name} changed"
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_one_running_statistic_missing_in_training(missing):
+    """torch.nn's ValueError: with one of the two, training would normalize with batch statistics
+    and update neither."""
+    bn = trained_bn2d()
+    setattr(bn, missing, None)
+    assert_rejected(bn, torch.randn(2, 3, 3, 3), ValueError, "must either both be None or neither be None")
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3))
+    args[missing] = None
+    kept = next(t for t in args.values() if t is not None)
+    before = kept.clone()
+    with pytest.raises(ValueError, match="must either both be None or neither be None"):
+        torch_bn.batch_norm(torch.randn(2, 3, 3, 3), training=True, **args)
+    assert torch.equal(kept, before)
+
+
+def test_functional_momentum_none_is_a_type_error():
+    """torch.nn.functional.batch_norm's TypeError: only the modules read momentum=None as a
+    cumulative average, over their num_batches_tracked."""
+    running_mean, running_var = torch.randn(3), torch.rand(3) + 0.5
+    before = [running_mean.clone(), running_var.clone()]
+    with pytest.raises(TypeError, match="momentum"):
+        torch_bn.batch_norm(torch.randn(4, 3), running_mean, running_var, training=True, momentum=None)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
 
 
 def test_update_running_stats_checks_before_writing():

@@ -111,6 +111,9 @@ def normalize(
     """
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("torch_bn: running_mean and running_var are required when training=False")
+    if (running_mean is None) != (running_var is None):
+        # torch's error: with one of them, training would update neither.
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     updates = training and running_mean is not None and running_var is not None
     if updates and momentum is None and num_batches_tracked is None:
         momentum = 0.0  # torch's factor when there is nothing to average over
@@ -150,6 +153,9 @@ def batch_norm(
     In training the output uses the biased batch variance and, when running statistics are
     given, they are updated in place with ``momentum`` and the unbiased batch variance.
     """
+    if momentum is None:
+        # torch.nn.functional's error: only the modules read None as a cumulative average.
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     if training:
         verify_batch_size(input.size())
     return normalize(input, running_mean, running_var, weight, bias, training, momentum, eps)
