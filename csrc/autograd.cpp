@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/irange.h>
 
 #include <array>
@@ -97,9 +98,8 @@ bool given(const OptionalTensor& t) {
   return t.has_value() && t->defined();
 }
 
-// Whether an argument carries a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad).
-// torch's C++ Functions have no jvp, and the kernel alone would drop the tangent, a silent zero:
-// such calls run the ops' formulas in ATen ops (formulas.h), which propagate it.
+// Whether an argument carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp).
+// torch's C++ Functions have no jvp, and the kernel alone would drop the tangent, a silent zero.
 bool has_tangent(const Tensor& t) {
   return t.defined() && t._fw_grad(/*level=*/0).defined();
 }
@@ -111,6 +111,18 @@ bool has_tangent(const OptionalTensor& t) {
 template <typename... Args>
 bool any_tangent(const Args&... args) {
   return (has_tangent(args) || ...);
+}
+
+// Whether a call runs the ops' formulas in ATen ops (formulas.h), which propagate tangents and
+// which torch.func transforms like any other ops: where an argument carries a tangent, or inside
+// a torch.func transform (grad, vjp, jacrev), whose wrapped tensors torch's C++ Functions refuse.
+// While a transform's layer is on functorch's stack, its back-mode key stays in the thread's
+// included dispatch keys (functorch's setDynamicLayerFrontBackKeysIncluded). Under vmap alone
+// this kernel is not reached: the Batched key's fallback runs the kernels sample by sample.
+template <typename... Args>
+bool needs_formula(const Args&... args) {
+  return any_tangent(args...) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
 }
 
 // The fused ops have no formula: their sign mask is an output that ATen ops do not produce.
@@ -356,7 +368,7 @@ class ForwardEvalAct : public torch::autograd::Function<ForwardEvalAct> {
 
 std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& input, const OptionalTensor& weight,
                                                           const OptionalTensor& bias, double eps) {
-  if (any_tangent(input, weight, bias)) {
+  if (needs_formula(input, weight, bias)) {
     return forward_train_formula(input, weight, bias, eps);
   }
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
@@ -368,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train_autograd(const Tensor& input, c
 
 Tensor forward_eval_autograd(const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
                              const Tensor& running_mean, const Tensor& running_var, double eps) {
-  if (any_tangent(input, weight, bias, running_mean, running_var)) {
+  if (needs_formula(input, weight, bias, running_mean, running_var)) {
     return forward_eval_formula(input, weight, bias, running_mean, running_var, eps);
   }
   if (!torch::autograd::compute_requires_grad(input, weight, bias)) {
@@ -381,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_autograd(const Tensor& grad_output, 
                                                      const OptionalTensor& weight, const Tensor& mean,
                                                      const Tensor& invstd, bool training,
                                                      std::array<bool, 3> output_mask) {
-  if (any_tangent(grad_output, input, weight, mean, invstd)) {
+  if (needs_formula(grad_output, input, weight, mean, invstd)) {
     auto grads = backward_formula(grad_output, input, weight, mean, invstd, training);
     // An output not asked for is empty, as the kernels return it.
     const auto asked = [&](bool wanted, const Tensor& grad) { return wanted ? grad : grad.new_empty({0}); };

@@ -1,13 +1,13 @@
-"""Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) through torch_bn: tangents match
-torch.nn's. The kernels' C++ autograd Functions have no jvp; a call whose arguments carry
-tangents runs the ops' formulas in ATen ops instead (csrc/formulas.cpp)."""
+"""Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) and torch.func's transforms
+through torch_bn match torch.nn. The kernels' C++ autograd Functions have no jvp and refuse
+torch.func's wrapped tensors; such calls run the ops' formulas in ATen ops (csrc/formulas.cpp)."""
 
 import copy
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call, jvp
+from torch.func import functional_call, grad, jvp, vmap
 
 import torch_bn
 
@@ -81,14 +81,18 @@ def test_parameter_tangents_and_reverse_gradients_match_torch_nn(training, devic
         torch.testing.assert_close(actual, expected, **TOLERANCE)
 
 
-@pytest.mark.parametrize(
+# torch.nn's training forward with running statistics updates buffers in place, which torch.func
+# refuses: training runs on batch statistics.
+TRANSFORMABLE_MODES = pytest.mark.parametrize(
     "training, kwargs",
     [(False, {}), (True, dict(track_running_stats=False))],
     ids=["eval", "train-batch-stats"],
 )
+
+
+@TRANSFORMABLE_MODES
 def test_func_jvp_matches_torch_nn(training, kwargs, device):
-    """torch.func.jvp over parameters and input (torch.nn's training forward with running
-    statistics is not a function torch.func accepts, so training runs on batch statistics)."""
+    """torch.func.jvp over parameters and input."""
     reference, ours = random_layers(device, **kwargs)
     x = random_input(device)
     params = {name: p.detach() for name, p in reference.named_parameters()}
@@ -104,6 +108,42 @@ def test_func_jvp_matches_torch_nn(training, kwargs, device):
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, **TOLERANCE)
         assert expected.abs().max() > 0.1  # not two empty tangents agreeing
+
+
+@TRANSFORMABLE_MODES
+def test_func_grad_matches_torch_nn(training, kwargs, device):
+    reference, ours = random_layers(device, **kwargs)
+    x = random_input(device)
+    grad_output = torch.randn_like(x)
+    params = {name: p.detach() for name, p in reference.named_parameters()}
+    results = []
+    for layer in (reference.train(training), ours.train(training)):
+
+        def loss(params, x, layer=layer):
+            return (functional_call(layer, params, (x,)) * grad_output).sum()
+
+        param_grads, input_grad = grad(loss, argnums=(0, 1))(params, x)
+        results.append([*param_grads.values(), input_grad])
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+def test_vmap_and_per_sample_gradients_match_torch_nn(device):
+    """vmap of evaluation over a stack of inputs, and per-sample parameter gradients
+    (vmap of grad), as functorch's tutorials compute them."""
+    reference, ours = random_layers(device)
+    inputs = torch.randn(6, 2, 3, 5, 5, device=device)
+    params = {name: p.detach() for name, p in reference.named_parameters()}
+    results = []
+    for layer in (reference.eval(), ours.eval()):
+
+        def loss(params, x, layer=layer):
+            return functional_call(layer, params, (x,)).square().sum()
+
+        per_sample = vmap(grad(loss), in_dims=(None, 0))(params, inputs)
+        results.append([vmap(layer)(inputs), *per_sample.values()])
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, **TOLERANCE)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
