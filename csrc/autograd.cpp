@@ -2,6 +2,7 @@
 // torch.library.register_autograd: a Python autograd kernel runs on every call, gradient or not,
 // and that round trip through Python cost 15-40 µs per call on the CPU, more than the kernel of
 // a small layer. Here a call that can need no gradient goes straight to the backend kernel.
+#include "checks.h"
 #include "cpu/channel_values.h"
 #include "find_op.h"
 #include "formulas.h"
@@ -92,10 +93,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_act_kernel(
 
 OptionalTensor optional(const Tensor& t) {
   return t.defined() ? OptionalTensor(t) : std::nullopt;
-}
-
-bool given(const OptionalTensor& t) {
-  return t.has_value() && t->defined();
 }
 
 // Whether an argument carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp).

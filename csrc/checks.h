@@ -16,6 +16,11 @@ inline void check_input(const at::Tensor& input) {
       "torch_bn: expected a floating-point input, got ", input.scalar_type());
 }
 
+// Whether an optional tensor argument was passed: present and defined.
+inline bool given(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined();
+}
+
 // A per-channel tensor (weight, bias, running or saved statistics) must hold one value per
 // channel and live on the input's device. Sizes are read as SymInts, so that the check also runs
 // on the symbolic shapes of a composite op being traced (forward_train_update).
@@ -38,7 +43,7 @@ inline void check_per_channel(
     const at::Tensor& input,
     const std::optional<at::Tensor>& t,
     const char* name) {
-  if (t.has_value() && t->defined()) {
+  if (given(t)) {
     check_per_channel(input, *t, name);
   }
 }

@@ -1,5 +1,6 @@
 #include "formulas.h"
 
+#include "checks.h"
 #include "stats_type.h"
 
 #include <ATen/ATen.h>
@@ -13,10 +14,6 @@ namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-
-bool given(const OptionalTensor& t) {
-  return t.has_value() && t->defined();
-}
 
 // Every dimension but the channels': what the statistics reduce over.
 std::vector<int64_t> reduction_dims(const Tensor& input) {

@@ -1,6 +1,6 @@
-// The ops in differentiable ATen ops: their gradients' gradients, and every call whose arguments
-// carry forward-mode tangents (torch.func.jvp, torch.autograd.forward_ad), which the kernels'
-// C++ autograd Functions cannot propagate.
+// The ops in differentiable ATen ops: their gradients' gradients, and the calls that the kernels'
+// C++ autograd Functions cannot serve: arguments carrying forward-mode tangents
+// (torch.autograd.forward_ad, torch.func.jvp), and torch.func's transforms.
 #pragma once
 #include <ATen/core/Tensor.h>
 
