@@ -17,13 +17,14 @@ residual's gradient.
 from typing import Callable, Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ops
 from .functional import BatchNormCall, batch_norm_function, needs_autograd, normalize, verify_batch_size
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, traced_as_leaf
 
 ACTIVATIONS = ops.ACTIVATIONS
 DEFAULT_NEGATIVE_SLOPE = 0.01  # torch.nn.LeakyReLU's
@@ -164,6 +165,9 @@ class _BatchNormActForward:
         self.negative_slope = negative_slope
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, torch.fx.Proxy) or isinstance(residual, torch.fx.Proxy):
+            return traced_as_leaf(self, input, residual)
+
         def normalize_with(function: BatchNormCall) -> Tensor:
             return self._normalize(input, function)
 

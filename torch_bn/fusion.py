@@ -42,7 +42,8 @@ Activation = Tuple[str, float]  # (activation, negative_slope)
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer with every BatchNorm layer as a leaf (torch_bn's would be traced into)."""
+    """torch.fx's tracer with every BatchNorm layer as a leaf, the traced root included (a torch_bn
+    layer records itself as a call only as a submodule; see modules.traced_as_leaf)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, _BatchNorm) or super().is_leaf_module(module, qualified_name)

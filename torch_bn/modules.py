@@ -12,11 +12,28 @@ when set, never in the state_dict, so checkpoints load into torch.nn and back):
   mode even when ``training`` is True, so a parent's ``.train()`` does not undo it.
 """
 
+from typing import Any
+
 import torch
+import torch.fx
 from torch import Tensor
 
 from .conventions import KerasFlaxConstructors
 from .functional import BatchNormCall, batch_norm_function, normalize, verify_batch_size
+
+
+def traced_as_leaf(module: torch.nn.Module, *args: Any) -> torch.fx.Proxy:
+    """``module(*args)`` under torch.fx's symbolic tracing (an argument is a Proxy), recorded as
+    one call_module node, as FX records torch.nn's layers: its default tracer traces into every
+    module defined outside torch.nn, and a BatchNorm's input checks cannot branch on a Proxy
+    (symbolic_trace, prepare_fx and fuse_fx raised TraceError on converted models)."""
+    tracer = next(arg for arg in args if isinstance(arg, torch.fx.Proxy)).tracer
+    if getattr(tracer, "root", None) is module:
+        raise torch.fx.proxy.TraceError(
+            f"torch_bn: a {type(module).__name__} traced as the root cannot be traced into (nor can torch.nn's); "
+            "trace a module that contains it"
+        )
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 class _TorchBNForward(KerasFlaxConstructors):
@@ -41,6 +58,8 @@ class _TorchBNForward(KerasFlaxConstructors):
         return self.training and not self.frozen
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return traced_as_leaf(self, input)
         return self._normalize(input)
 
     def _normalize(self, input: Tensor, function: BatchNormCall = batch_norm_function) -> Tensor:
