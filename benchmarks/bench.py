@@ -58,29 +58,57 @@ QUICK = {
 }
 
 
+def at_least(lowest: float, kind: type = int):
+    """An argparse type: a number of ``kind`` of at least ``lowest``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < lowest:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} >= {lowest}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"a short run; presets {QUICK}")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=at_least(1), default=32, help="batch size of every shape (default 32)")
     parser.add_argument("--shapes", nargs="+", type=parse_chw, metavar="CxHxW", help="default: ResNet-50's 12 BatchNorm shapes")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all", help="all: the CPU, and CUDA when present")
-    parser.add_argument("--repeats", type=int, help="timing rounds per case; times are medians over them")
-    parser.add_argument("--block-time", type=float, help="seconds of one timing block")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each function before timing")
-    parser.add_argument("--train-steps", type=int, help="timed steps of the end-to-end benchmark; 0 skips it")
+    parser.add_argument("--repeats", type=at_least(1), help="timing rounds per case; times are medians over them")
+    parser.add_argument("--block-time", type=at_least(1e-6, float), help="seconds of one timing block")
+    parser.add_argument("--warmup", type=at_least(0), default=3, help="untimed calls of each function before timing")
+    parser.add_argument("--train-steps", type=at_least(0), help="timed steps of the end-to-end benchmark; 0 skips it")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(), help="torch's CPU threads")
     parser.add_argument("--out", help=f"results folder, {{device}} replaced; default {FULL['out']} ({QUICK['out']} with --quick)")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
     if len(devices_of(args)) > 1 and "{device}" not in args.out:
         parser.error("--out needs {device} in it when several devices run")
+    # Checked before a run of minutes, not when it writes.
+    for device in devices_of(args):
+        try:
+            out = out_folder(args, device)
+            out.mkdir(parents=True, exist_ok=True)
+        except (KeyError, IndexError, ValueError, OSError) as error:
+            parser.error(f"--out {args.out!r}: {type(error).__name__}: {error}")
     return args
+
+
+def out_folder(args: argparse.Namespace, device: str) -> Path:
+    return Path(args.out.format(device=device))
 
 
 def cases_of(args: argparse.Namespace) -> List[Case]:
@@ -185,14 +213,20 @@ def present(results: dict, out: Path) -> None:
     print(f"wrote {out}/bench.json, bench.csv, bench.png")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Exit status 1 where the training step's losses disagree (the results are written first)."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    status = 0
     for device in devices_of(args):
         torch.manual_seed(0)
         results = run_device(device, args)
-        present(results, Path(args.out.format(device=device)))
+        present(results, out_folder(args, device))
+        if results["train_step"] and not results["train_step"]["losses_agree"]:
+            print(f"error: the training step's losses disagree on {device}", file=sys.stderr)
+            status = 1
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

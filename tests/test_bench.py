@@ -118,6 +118,41 @@ def test_bench_script_writes_a_complete_result(tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("--batch", "0"), ("--threads", "-1"), ("--repeats", "0"), ("--warmup", "-1"), ("--train-steps", "-1"),
+     ("--block-time", "0"), ("--batch", "two"), ("--out", "{tmp}/{{foo}}"), ("--out", "{tmp}/a-file/sub")],
+)
+def test_bench_rejects_bad_options_before_running(option, value, tmp_path, capsys):
+    """A usage error (exit status 2, the option named) before any case is measured, where these
+    crashed mid-run, at the end of it, or ran on without meaning (batch 0)."""
+    from benchmarks import bench
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["--device", "cpu", option, value.format(tmp=tmp_path)])
+    assert exit.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch sees no GPU")
+def test_bench_rejects_cuda_without_a_gpu(capsys):
+    from benchmarks import bench
+
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["--device", "cuda"])
+    assert exit.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def test_bench_exits_nonzero_when_the_training_step_losses_disagree(monkeypatch, tmp_path):
+    from benchmarks import bench
+
+    monkeypatch.setattr(bench, "run_device", lambda device, args: {"train_step": {"losses_agree": False}})
+    monkeypatch.setattr(bench, "present", lambda results, out: None)
+    assert bench.main(["--device", "cpu", "--out", str(tmp_path / "{device}")]) == 1
+
+
 def test_train_step_losses_agree_between_torch_and_torch_bn():
     result = train_step.run(batch=2, steps=1)
     losses = result["losses"]
