@@ -81,6 +81,21 @@ def test_freeze_all_but_batchnorm():
     assert model[1].num_batches_tracked.item() == 1  # the BatchNorm trains
 
 
+def test_a_fixed_weight_stays_fixed_through_freezing():
+    """The README's Keras recipe for scale=False fixes the weight (requires_grad False): freeze,
+    unfreeze and freeze_all_but_batchnorm keep it fixed and leave the bias trainable."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch_bn.BatchNorm1d(3))
+    model[1].weight.requires_grad_(False)
+    torch_bn.unfreeze(torch_bn.freeze(model))
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, True]
+    torch_bn.freeze(model)
+    torch_bn.freeze_all_but_batchnorm(model)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, False, True]
+    assert not model[1].frozen
+    torch_bn.freeze_all_but_batchnorm(model)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, False, True]
+
+
 def test_unconvertible_layer_is_rejected_and_nothing_changes():
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.LazyBatchNorm2d())
     with pytest.raises(TypeError, match=r"1 \(LazyBatchNorm2d\)"):

@@ -8,6 +8,8 @@ evaluation). The ``frozen`` flag is a plain attribute: it survives pickling
 torch_bn models alike; freeze the model that receives it (before or after loading).
 """
 
+from typing import Optional, Tuple
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -33,31 +35,47 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     convert(module)
     for layer in module.modules():
         if isinstance(layer, _TorchBNForward):
+            if not layer.frozen:
+                layer.__dict__[_FLAGS_BEFORE_FREEZE] = _trainable_flags(layer)
             layer.frozen = True
-            _set_trainable(layer, False)
+            _set_trainable(layer, (False, False))
     return module
 
 
 def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
-    """Makes every BatchNorm layer in ``module`` train normally again (batch statistics in
-    training, running statistics updated, weight and bias requiring grad); returns ``module``.
-    The layers stay torch_bn layers (``torch_bn.revert`` turns them back into torch.nn ones)."""
+    """Makes every frozen BatchNorm layer in ``module`` train normally again (batch statistics in
+    training, running statistics updated, weight and bias requiring grad as they did before
+    ``freeze``); returns ``module``. The layers stay torch_bn layers (``torch_bn.revert`` turns
+    them back into torch.nn ones)."""
     for layer in module.modules():
-        if isinstance(layer, _BatchNorm):
-            if isinstance(layer, _TorchBNForward):
-                layer.frozen = False
-            _set_trainable(layer, True)
+        if isinstance(layer, _TorchBNForward) and layer.frozen:
+            layer.frozen = False
+            _set_trainable(layer, layer.__dict__.pop(_FLAGS_BEFORE_FREEZE, (True, True)))
     return module
 
 
 def freeze_all_but_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """The other fine-tuning recipe: every parameter outside BatchNorm layers stops requiring
-    grad, and the BatchNorm layers train normally (``unfreeze``); returns ``module``."""
+    grad, and the BatchNorm layers train normally (``unfreeze``), their weight and bias
+    requiring grad as they did; returns ``module``."""
+    layers = [layer for layer in unfreeze(module).modules() if isinstance(layer, _BatchNorm)]
+    flags = [_trainable_flags(layer) for layer in layers]
     module.requires_grad_(False)
-    return unfreeze(module)
+    for layer, layer_flags in zip(layers, flags):
+        _set_trainable(layer, layer_flags)
+    return module
 
 
-def _set_trainable(layer: _BatchNorm, trainable: bool) -> None:
-    for parameter in (layer.weight, layer.bias):
+# Where freeze keeps a layer's (weight, bias) requires_grad flags for unfreeze: a layer whose
+# weight the user fixed (Keras' scale=False, see the README) must not come back trainable.
+_FLAGS_BEFORE_FREEZE = "_requires_grad_before_freeze"
+
+
+def _trainable_flags(layer: _BatchNorm) -> Tuple[Optional[bool], Optional[bool]]:
+    return tuple(None if p is None else p.requires_grad for p in (layer.weight, layer.bias))
+
+
+def _set_trainable(layer: _BatchNorm, flags: Tuple[Optional[bool], Optional[bool]]) -> None:
+    for parameter, flag in zip((layer.weight, layer.bias), flags):
         if parameter is not None:
-            parameter.requires_grad_(trainable)
+            parameter.requires_grad_(flag is not False)
