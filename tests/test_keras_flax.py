@@ -80,6 +80,16 @@ def test_mismatched_lengths_are_rejected():
         torch_bn.BatchNorm1d.from_flax(None, None, [[0.0]], [[1.0]])
 
 
+@pytest.mark.parametrize("momentum", [1.5, -0.1, None, float("nan")], ids=str)
+def test_momentum_outside_zero_to_one_is_rejected(momentum):
+    """Keras' and Flax's momentum is a decay in [0, 1]; outside it torch's momentum would be too
+    (1.5 became -0.5), and None failed in an arithmetic TypeError."""
+    with pytest.raises(ValueError, match=r"momentum .* must be a number in \[0, 1\]"):
+        torch_bn.BatchNorm2d.from_keras([1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], momentum=momentum)
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\]"):
+        torch_bn.BatchNorm2d.from_flax([1.0], [0.0], [0.0], [1.0], momentum=momentum)
+
+
 def test_running_var_biased_option_on_its_own():
     x = torch.randn(6, 3, 5, 5) * 2 + 1
     layer = torch_bn.BatchNorm2d(3, running_var_biased=True)

@@ -12,6 +12,7 @@ A layer built here keeps the source framework's behaviour from then on: torch mo
 one value per channel in training.
 """
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -62,6 +63,7 @@ class KerasFlaxConstructors:
 
 
 def _build(cls, scale, shift, mean, var, decay, eps, device, dtype):
+    momentum = _torch_momentum(decay)
     values = {"running_mean": _per_channel(mean), "running_var": _per_channel(var)}
     if values["running_mean"].dim() != 1:
         raise ValueError(f"{cls.__name__}: expected a 1D running mean, got shape {tuple(values['running_mean'].shape)}")
@@ -76,7 +78,7 @@ def _build(cls, scale, shift, mean, var, decay, eps, device, dtype):
     layer = cls(
         channels,
         eps=eps,
-        momentum=_torch_momentum(decay),
+        momentum=momentum,
         affine=True,
         track_running_stats=True,
         device=device,
@@ -90,9 +92,17 @@ def _build(cls, scale, shift, mean, var, decay, eps, device, dtype):
 
 
 def _torch_momentum(decay: float) -> float:
+    # A decay outside [0, 1] would make torch's momentum one too, and the running statistics
+    # diverge; checked before anything is built.
+    try:
+        value = float(decay)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum (the decay of the running statistics) must be a number in [0, 1], got {decay!r}")
     # 1 - 0.99 is 0.010000000000000009 in binary; 15 significant digits drop that representation
     # error (far below float32's resolution) so that the repr reads momentum=0.01.
-    return float(f"{1.0 - decay:.15g}")
+    return float(f"{1.0 - value:.15g}")
 
 
 def _per_channel(values: Any) -> torch.Tensor:
