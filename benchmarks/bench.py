@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: torch sees no CUDA device here")
     if len(devices_of(args)) > 1 and "{device}" not in args.out:
         parser.error("--out needs {device} in it when several devices run")
-    # Checked before a run of minutes, not when it writes.
+    # Created here, before a run of minutes, so that a bad folder fails now, not when results are written.
     for device in devices_of(args):
         try:
             out = out_folder(args, device)
@@ -205,7 +205,6 @@ def present(results: dict, out: Path) -> None:
         f"\nrun took {results['run_seconds']:.0f} s, of which torch.compile {compile_info['seconds_total']:.0f} s "
         f"({compile_info['mode']}); load average {about['load_average']} at start, {about['load_average_at_end']} at end"
     )
-    out.mkdir(parents=True, exist_ok=True)
     report.write_json(out / "bench.json", results)
     report.write_csv(out / "bench.csv", results["rows"])
     title = f"torch_bn vs torch.nn.BatchNorm2d, {hardware}, batch {options['batch']}, torch {about['torch']}"
