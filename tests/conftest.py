@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-# The bound from which the CPU passes stream their outputs comes from the L3's size (48 MiB on a
-# VM reporting a large L3, 24 MiB on the 32 MiB ones); the streamed passes' tests size their
+# The bound from which the CPU passes stream their outputs comes from the L3's size (32 or 48 MiB
+# on a VM reporting a large L3, 24 MiB on the 32 MiB ones); the streamed passes' tests size their
 # inputs around 24 MiB. Set before any kernel runs: the kernels read it once per process.
 os.environ["TORCH_BN_STREAM_BYTES"] = str(24 << 20)
 # Streamed passes fetch the next group while they write on AMD CPUs alone; the tests run that
