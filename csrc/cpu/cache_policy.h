@@ -61,8 +61,8 @@ constexpr int64_t kDefaultL3Bytes = 32 << 20;
 // 1.55x -> 1.81x NCHW and 1.08x -> 1.24x channels-last, 32x512x14x14 channels-last forward+backward
 // 1.18x -> 1.47x, bfloat16 NCHW backward at 32x64x56x56 1.11x -> 1.49x; the geometric means of
 // forward+backward over the 12 shapes 2.42x -> 2.49x NCHW and 1.55x -> 1.62x channels-last (medians
-// of 3 alternating benchmark processes per bound). The training step was even: 1.13-1.17x over
-// torch.nn with 48 MiB, 1.14-1.16x with 32 MiB (8 alternating pairs). The step measured 32 MiB the
+// of 3 alternating benchmark processes per bound). The training step was even: 1.13-1.18x over
+// torch.nn with 48 MiB, 1.14-1.18x with 32 MiB (13 alternating pairs). The step measured 32 MiB the
 // other way on the Zen 3 VM (above), so AMD CPUs keep 48 MiB.
 int64_t max_cache_bytes() {
 #if defined(__x86_64__) && defined(__GNUC__)
